@@ -1,0 +1,56 @@
+"""Configuration of HyperAttention."""
+
+import dataclasses
+
+# Sort keys are int32 and padding rows sort after every bucket, under the key 2**num_projections.
+MAX_NUM_PROJECTIONS = 30
+
+
+def check_int(name, value, minimum, maximum=None):
+  """Raises ValueError unless ``value`` is an int in [minimum, maximum]."""
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ValueError(f"{name}={value!r} must be an int.")
+  if value < minimum or (maximum is not None and value > maximum):
+    bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    raise ValueError(f"{name}={value!r} must be {bound}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperAttentionConfig:
+  """Hyper-parameters of HyperAttention.
+
+  Frozen and hashable, so it can be a static argument of ``jax.jit``.
+
+  Attributes:
+    block_size: keys per diagonal block of the LSH-sorted order (``b`` in the paper).
+    sample_size: uniformly sampled key columns per (head, piece) for the residual
+      estimate (``m``); 0 turns the sampled residual off.
+    num_projections: random hyperplanes of the angular LSH (``r``); 2**r buckets.
+    min_seq_len: query lengths up to this are computed exactly; in causal attention it
+      bounds the length of the exact leaves of the recursion.
+    sink_size: the first ``sink_size`` key positions are attended exactly by every
+      query ("attention sinks").
+    window_size: keys within this distance of the query are attended exactly
+      (``i - window_size < j <= i`` when causal, ``|i - j| < window_size`` otherwise).
+      Self-attention only.
+  """
+
+  block_size: int = 256
+  sample_size: int = 256
+  num_projections: int = 7
+  min_seq_len: int = 4096
+  sink_size: int = 4
+  window_size: int = 0
+
+  def __post_init__(self):
+    check_int("block_size", self.block_size, 1)
+    check_int("sample_size", self.sample_size, 0)
+    check_int("num_projections", self.num_projections, 1, MAX_NUM_PROJECTIONS)
+    check_int("min_seq_len", self.min_seq_len, 1)
+    check_int("sink_size", self.sink_size, 0)
+    check_int("window_size", self.window_size, 0)
+
+  @property
+  def has_local(self) -> bool:
+    """Whether some keys (sinks or a window) are attended exactly beside the LSH part."""
+    return self.sink_size > 0 or self.window_size > 0

@@ -1,0 +1,113 @@
+"""Assembling the pieces: non-causal HyperAttention and the causal recursion (step 7).
+
+Causal attention splits the sequence in halves: the lower-left rectangle (second-half
+queries, first-half keys) needs no mask and is one non-causal piece; the two diagonal
+halves recurse. Flattened, level ``l`` has ``2**(l-1)`` rectangles of equal shape, done
+in one batched call, and the leaves (segments of at most ``min_seq_len``) are one
+batched exact causal call. Row ``i`` merges ``1 + popcount(i // leaf)`` pieces.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from hyperattention_jax import sampling
+from hyperattention_jax.config import HyperAttentionConfig
+from hyperattention_jax.local import local_attention
+from hyperattention_jax.lsh_attention import lsh_attention, make_plan
+from hyperattention_jax.merge import merge_partials
+from hyperattention_jax.util import cdiv, pad_axis
+
+
+def recursion_depth(seq_len: int, min_seq_len: int):
+  """Levels of the causal recursion and the leaf length (leaves hold ``<= min_seq_len`` rows)."""
+  depth = 0
+  while cdiv(seq_len, 1 << depth) > min_seq_len:
+    depth += 1
+  return depth, cdiv(seq_len, 1 << depth)
+
+
+def _piece_uniforms(rng, batch: int, kv_heads: int, sample_size: int):
+  """``[batch, kv_heads, m]`` uniforms, equal for every batch row."""
+  u = sampling.sample_uniforms(rng, kv_heads, sample_size)
+  return jnp.broadcast_to(u, (batch, kv_heads, sample_size))
+
+
+def noncausal_attention(q, k, v, q_pos, k_pos, q_is_padding, *, sample_rng, projections,
+                        config: HyperAttentionConfig, scale, block_attention):
+  """HyperAttention without a causal mask: the LSH piece, merged with the exact local part.
+
+  Args:
+    q: ``[B, Hq, nq, dk]``; k: ``[B, Hk, nk, dk]``; v: ``[B, Hk, nk, dv]``.
+    q_pos, k_pos: int32 positions ``[B, H, n]``; negative key positions are padding.
+    q_is_padding: ``[B, Hq, nq]`` bool or None: query rows sorted after the others.
+    sample_rng: key for the sampled columns.
+    projections: ``[dk, r]`` LSH hyperplanes.
+    config: the configuration.
+    scale: logit scale.
+    block_attention: the core primitive implementation.
+
+  Returns:
+    ``o [B, Hq, nq, dv]`` float32 and ``lse [B, Hq, nq]``.
+  """
+  batch, kv_heads = k.shape[:2]
+  plan = make_plan(q, k, k_pos, q_is_padding,
+                   _piece_uniforms(sample_rng, batch, kv_heads, config.sample_size), projections)
+  out, lse = lsh_attention(q, k, v, q_pos, k_pos, plan, block_size=config.block_size,
+                           sink_size=config.sink_size, window_size=config.window_size,
+                           scale=scale, block_attention=block_attention)
+  if not config.has_local:
+    return out.astype(jnp.float32), lse
+  local_out, local_lse = local_attention(
+      q, k, v, q_pos, k_pos, block_size=max(config.block_size, config.window_size),
+      causal=False, sink_size=config.sink_size, window_size=config.window_size, scale=scale,
+      block_attention=block_attention)
+  return merge_partials(out, lse, local_out, local_lse)
+
+
+def _rectangles(x, half: int, num_rects: int):
+  """``[B, H, 2 * R * h, ...]`` -> ``[B * R, H, h, ...]``: half ``half`` of each pair of segments."""
+  batch, heads, length = x.shape[:3]
+  h = length // (2 * num_rects)
+  x = x.reshape(batch, heads, num_rects, 2, h, *x.shape[3:])[:, :, :, half]
+  return jnp.moveaxis(x, 2, 1).reshape(batch * num_rects, heads, h, *x.shape[4:])
+
+
+def _from_rectangles(x, batch: int, fill):
+  """Inverse of ``_rectangles(., 1, R)``; rows of the first halves get ``fill``."""
+  num_rects = x.shape[0] // batch
+  x = jnp.moveaxis(x.reshape(batch, num_rects, *x.shape[1:]), 1, 2)  # [B, H, R, h, ...]
+  x = jnp.stack([jnp.full_like(x, fill), x], axis=3)
+  return x.reshape(batch, x.shape[1], -1, *x.shape[5:])
+
+
+def causal_attention(q, k, v, q_pos, k_pos, q_is_padding, *, sample_rng, projections,
+                     config: HyperAttentionConfig, scale, block_attention):
+  """Causal HyperAttention by the flattened recursion (arguments as ``noncausal_attention``)."""
+  batch, kv_heads, seq_len = k.shape[:3]
+  depth, leaf = recursion_depth(seq_len, config.min_seq_len)
+  padded = leaf << depth
+  q, k, v = (pad_axis(x, padded, 2) for x in (q, k, v))
+  q_pos = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), q.shape[:3])
+  k_pos = pad_axis(k_pos, padded, 2, value=-1)
+  q_is_padding = pad_axis(q_is_padding, padded, 2, value=True)
+
+  out, lse = local_attention(q, k, v, q_pos, k_pos, block_size=leaf, causal=True,
+                             sink_size=config.sink_size, window_size=config.window_size,
+                             scale=scale, block_attention=block_attention)
+  for level in range(1, depth + 1):
+    num_rects = 1 << (level - 1)
+    level_rng = jax.random.fold_in(sample_rng, level)
+    u = jax.vmap(lambda r: sampling.sample_uniforms(jax.random.fold_in(level_rng, r), kv_heads,
+                                                    config.sample_size))(jnp.arange(num_rects))
+    u = jnp.broadcast_to(u, (batch,) + u.shape).reshape(batch * num_rects, kv_heads, -1)
+    rect_q, rect_q_pos, rect_q_pad = (_rectangles(x, 1, num_rects)
+                                      for x in (q, q_pos, q_is_padding))
+    rect_k, rect_v, rect_k_pos = (_rectangles(x, 0, num_rects) for x in (k, v, k_pos))
+    plan = make_plan(rect_q, rect_k, rect_k_pos, rect_q_pad, u, projections)
+    rect_out, rect_lse = lsh_attention(
+        rect_q, rect_k, rect_v, rect_q_pos, rect_k_pos, plan, block_size=config.block_size,
+        sink_size=config.sink_size, window_size=config.window_size, scale=scale,
+        block_attention=block_attention)
+    out, lse = merge_partials(out, lse, _from_rectangles(rect_out, batch, 0),
+                              _from_rectangles(rect_lse, batch, -jnp.inf))
+  return out[:, :, :seq_len], lse[:, :, :seq_len]
