@@ -76,8 +76,8 @@ def block_attention_for(implementation: str | None):
 
 @functools.partial(jax.jit, static_argnames=("is_causal", "config", "implementation",
                                              "return_lse"))
-def _hyper_attention(query, key, value, rng, scale, projections, key_value_seq_lengths, *,
-                     is_causal, config, implementation, return_lse):
+def _hyper_attention(query, key, value, rng, scale, projections, key_value_seq_lengths,
+                     kv_head_offset=0, *, is_causal, config, implementation, return_lse):
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
   batch, q_heads, q_len, head_dim = q.shape
   kv_len = k.shape[2]
@@ -99,7 +99,8 @@ def _hyper_attention(query, key, value, rng, scale, projections, key_value_seq_l
     out, lse = attend(q, k, v, q_pos, k_pos, q_is_padding,
                       sample_rng=jax.random.fold_in(rng, _SAMPLE_STREAM),
                       projections=projections, config=config, scale=scale,
-                      block_attention=block_attention_for(implementation))
+                      block_attention=block_attention_for(implementation),
+                      kv_head_offset=kv_head_offset)
   out = jnp.swapaxes(out.astype(query.dtype), 1, 2)
   return (out, lse) if return_lse else out
 

@@ -26,14 +26,14 @@ def recursion_depth(seq_len: int, min_seq_len: int):
   return depth, cdiv(seq_len, 1 << depth)
 
 
-def _piece_uniforms(rng, batch: int, kv_heads: int, sample_size: int):
+def _piece_uniforms(rng, batch: int, kv_heads: int, sample_size: int, kv_head_offset=0):
   """``[batch, kv_heads, m]`` uniforms, equal for every batch row."""
-  u = sampling.sample_uniforms(rng, kv_heads, sample_size)
+  u = sampling.sample_uniforms(rng, kv_heads, sample_size, kv_head_offset)
   return jnp.broadcast_to(u, (batch, kv_heads, sample_size))
 
 
 def noncausal_attention(q, k, v, q_pos, k_pos, q_is_padding, *, sample_rng, projections,
-                        config: HyperAttentionConfig, scale, block_attention):
+                        config: HyperAttentionConfig, scale, block_attention, kv_head_offset=0):
   """HyperAttention without a causal mask: the LSH piece, merged with the exact local part.
 
   Args:
@@ -45,13 +45,15 @@ def noncausal_attention(q, k, v, q_pos, k_pos, q_is_padding, *, sample_rng, proj
     config: the configuration.
     scale: logit scale.
     block_attention: the core primitive implementation.
+    kv_head_offset: global index of the first key/value head (non-zero when heads are
+      sharded); the samples of a head follow its global index.
 
   Returns:
     ``o [B, Hq, nq, dv]`` float32 and ``lse [B, Hq, nq]``.
   """
   batch, kv_heads = k.shape[:2]
-  plan = make_plan(q, k, k_pos, q_is_padding,
-                   _piece_uniforms(sample_rng, batch, kv_heads, config.sample_size), projections)
+  u = _piece_uniforms(sample_rng, batch, kv_heads, config.sample_size, kv_head_offset)
+  plan = make_plan(q, k, k_pos, q_is_padding, u, projections)
   out, lse = lsh_attention(q, k, v, q_pos, k_pos, plan, block_size=config.block_size,
                            sink_size=config.sink_size, window_size=config.window_size,
                            scale=scale, block_attention=block_attention)
@@ -81,7 +83,7 @@ def _from_rectangles(x, batch: int, fill):
 
 
 def causal_attention(q, k, v, q_pos, k_pos, q_is_padding, *, sample_rng, projections,
-                     config: HyperAttentionConfig, scale, block_attention):
+                     config: HyperAttentionConfig, scale, block_attention, kv_head_offset=0):
   """Causal HyperAttention by the flattened recursion (arguments as ``noncausal_attention``)."""
   batch, kv_heads, seq_len = k.shape[:3]
   depth, leaf = recursion_depth(seq_len, config.min_seq_len)
@@ -97,8 +99,9 @@ def causal_attention(q, k, v, q_pos, k_pos, q_is_padding, *, sample_rng, project
   for level in range(1, depth + 1):
     num_rects = 1 << (level - 1)
     level_rng = jax.random.fold_in(sample_rng, level)
-    u = jax.vmap(lambda r: sampling.sample_uniforms(jax.random.fold_in(level_rng, r), kv_heads,
-                                                    config.sample_size))(jnp.arange(num_rects))
+    u = jax.vmap(lambda r: sampling.sample_uniforms(
+        jax.random.fold_in(level_rng, r), kv_heads, config.sample_size, kv_head_offset))(
+            jnp.arange(num_rects))
     u = jnp.broadcast_to(u, (batch,) + u.shape).reshape(batch * num_rects, kv_heads, -1)
     rect_q, rect_q_pos, rect_q_pad = (_rectangles(x, 1, num_rects)
                                       for x in (q, q_pos, q_is_padding))

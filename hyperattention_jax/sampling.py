@@ -10,9 +10,14 @@ import jax
 import jax.numpy as jnp
 
 
-def sample_uniforms(rng, num_heads: int, sample_size: int):
-  """``[num_heads, sample_size]`` uniforms in [0, 1); head ``h`` uses ``fold_in(rng, h)``."""
-  heads = jnp.arange(num_heads, dtype=jnp.uint32)
+def sample_uniforms(rng, num_heads: int, sample_size: int, head_offset=0):
+  """``[num_heads, sample_size]`` uniforms in [0, 1); head ``h`` uses ``fold_in(rng, h)``.
+
+  ``head_offset`` (an int or a traced int scalar) is the global index of the first head:
+  a device that holds heads ``offset..offset+num_heads-1`` of a head-sharded problem draws
+  the same numbers as the unsharded call.
+  """
+  heads = jnp.arange(num_heads, dtype=jnp.uint32) + jnp.asarray(head_offset, jnp.uint32)
   return jax.vmap(lambda h: jax.random.uniform(jax.random.fold_in(rng, h), (sample_size,)))(heads)
 
 
