@@ -1,0 +1,229 @@
+"""Forward Mosaic TPU kernel of the core primitive: ``o`` and ``lse`` per query tile.
+
+Grid ``(batch, q_head, block, q_tile, step)``; only ``step`` is sequential. Steps
+``0 .. k_tiles - 1`` walk the block's diagonal key tiles. A resident extra key set is
+folded in during the last diagonal step (one DMA per (batch, kv head) when the set is
+shared); a streamed one takes one more step per tile. The running max, sum and output
+accumulator stay in VMEM across the steps (online softmax).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from hyperattention_jax import core
+from hyperattention_jax.kernels.mosaic_tpu import common
+from hyperattention_jax.kernels.mosaic_tpu.tiling import NUM_LANES, NUM_SUBLANES, TilePlan
+
+
+def _online_softmax_step(logits, v, m_ref, l_ref, acc_ref, precision):
+  """Folds masked logits ``[tq, t]`` (-inf where a key does not count) and ``v [t, dv]`` in.
+
+  ``m_ref`` and ``l_ref`` hold the running max and sum lane-replicated, ``[tq, 128]``.
+  """
+  m_prev = m_ref[...]
+  m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
+  # A row that has counted nothing keeps m = -inf; exponentiating against 0 instead
+  # avoids -inf - -inf, and its p and correction come out exactly 0.
+  m_base = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+  p = jnp.exp(logits - common.lanes(m_base, logits.shape[1]))
+  correction = jnp.exp(m_prev - m_base)
+  l_ref[...] = correction * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+  m_ref[...] = m_next
+  acc_ref[...] = (acc_ref[...] * common.lanes(correction, acc_ref.shape[1])
+                  + common.matmul(p.astype(v.dtype), v, common.NN_DIMS, precision))
+
+
+def _forward_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, k_ref, v_ref, k_pos_ref, *refs,
+                    spec: core.BlockSpec, plan: TilePlan, precision):
+  if plan.has_extra:
+    (extra_k_ref, extra_v_ref, extra_pos_ref, extra_block_ref,
+     o_ref, lse_ref, m_ref, l_ref, acc_ref) = refs
+  else:
+    o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
+  batch, block, step = pl.program_id(0), pl.program_id(2), pl.program_id(4)
+  last_step = plan.k_tiles + plan.extra_steps - 1
+
+  @pl.when(step == 0)
+  def _init():
+    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  q = q_ref[...]
+  q_pos, q_pos_row = common.column(q_pos_ref), common.row(q_pos_ref)
+  scale = scale_ref[0]
+
+  @pl.when(step < plan.k_tiles)
+  def _diagonal():
+    k_pos = common.row(k_pos_ref)
+
+    @pl.when(common.may_count(q_pos_row, k_pos, spec.causal))
+    def _():
+      logits = scale * common.matmul(q, k_ref[...], common.NT_DIMS, precision)
+      keep = common.tile_mask(q_pos, k_pos, spec.diagonal_keys, spec, logits.shape)
+      _online_softmax_step(jnp.where(keep, logits, -jnp.inf), v_ref[...], m_ref, l_ref,
+                           acc_ref, precision)
+
+  def extra_chunk(start: int):
+    chunk = pl.ds(start, plan.extra_chunk)
+    extra_pos = extra_pos_ref[:1, chunk]
+
+    @pl.when(common.may_count(q_pos_row, extra_pos, spec.causal))
+    def _():
+      logits = (scale * common.matmul(q, extra_k_ref[chunk, :], common.NT_DIMS, precision)
+                + bias_ref[batch])
+      keep = common.tile_mask(q_pos, extra_pos, spec.extra_keys, spec, logits.shape)
+      # Extra keys of the query's own block were already counted as diagonal keys.
+      keep &= jnp.broadcast_to(extra_block_ref[:1, chunk], logits.shape) != block
+      _online_softmax_step(jnp.where(keep, logits, -jnp.inf), extra_v_ref[chunk, :], m_ref,
+                           l_ref, acc_ref, precision)
+
+  if plan.has_extra and plan.extra_resident:
+    @pl.when(step == plan.k_tiles - 1)
+    def _resident_extras():
+      for start in range(0, plan.extra_padded, plan.extra_chunk):
+        extra_chunk(start)
+  elif plan.has_extra:
+    @pl.when(step >= plan.k_tiles)
+    def _streamed_extras():
+      extra_chunk(0)
+
+  @pl.when(step == last_step)
+  def _finish():
+    total = l_ref[...]
+    nonempty = total > 0
+    safe_total = jnp.where(nonempty, total, 1.0)
+    o_ref[...] = (acc_ref[...] * common.lanes(1.0 / safe_total, o_ref.shape[1])).astype(
+        o_ref.dtype)
+    lse = jnp.where(nonempty, m_ref[...] + jnp.log(safe_total), -jnp.inf)  # [tq, 128]
+    # Transposed, the query rows lie along lanes: a dense (8, tq) block of the lse rows.
+    lse_ref[...] = lse.T[:NUM_SUBLANES]
+
+
+class QueryTileMaps:
+  """Index maps shared by the forward and dq calls, grid ``(b, h, block, q_tile, step)``."""
+
+  def __init__(self, plan: TilePlan, groups: int):
+    self.plan = plan
+    self.groups = groups
+
+  def q_tile(self, b, h, block, i, step):
+    del step
+    return b, h, block * self.plan.q_tiles + i, 0
+
+  def q_rows(self, b, h, block, i, step):
+    del step
+    return b, h, 0, block * self.plan.q_tiles + i
+
+  def q_stats(self, b, h, block, i, step):
+    del step
+    return b, h, block * self.plan.q_tiles + i, 0, 0
+
+  def _diagonal_tile(self, block, step):
+    # During the extra steps the last diagonal tile stays put, so nothing is refetched.
+    return block * self.plan.k_tiles + jnp.minimum(step, self.plan.k_tiles - 1)
+
+  def k_tile(self, b, h, block, i, step):
+    del i
+    return b, jax.lax.div(h, self.groups), self._diagonal_tile(block, step), 0
+
+  def k_rows(self, b, h, block, i, step):
+    del i
+    return b, jax.lax.div(h, self.groups), 0, self._diagonal_tile(block, step)
+
+  def _extra_index(self, block, step):
+    extra_set = block if self.plan.num_extra_sets > 1 else 0
+    if self.plan.extra_resident:
+      # Constant over blocks (shared set), query tiles and steps: fetched once per
+      # (batch, kv head), since the pipeline skips copies of an unchanged block.
+      return extra_set, 0
+    return extra_set, jnp.maximum(step - self.plan.k_tiles, 0)
+
+  def extra_tile(self, b, h, block, i, step):
+    del i
+    extra_set, tile = self._extra_index(block, step)
+    return b, jax.lax.div(h, self.groups), extra_set, tile, 0
+
+  def extra_rows(self, b, h, block, i, step):
+    del i
+    extra_set, tile = self._extra_index(block, step)
+    return b, jax.lax.div(h, self.groups), extra_set, 0, tile
+
+  def grid(self, batch: int, q_heads: int):
+    plan = self.plan
+    return (batch, q_heads, plan.num_blocks, plan.q_tiles, plan.k_tiles + plan.extra_steps)
+
+  def key_specs(self, dk: int, dv: int):
+    """Specs of ``k, v, k_rows`` and, with extra keys, ``extra_k, extra_v`` and their rows."""
+    plan = self.plan
+    specs = [pl.BlockSpec((None, None, plan.k_tile, dk), self.k_tile),
+             pl.BlockSpec((None, None, plan.k_tile, dv), self.k_tile),
+             pl.BlockSpec((None, None, NUM_SUBLANES, plan.k_tile), self.k_rows)]
+    if plan.has_extra:
+      rows = (None, None, None, NUM_SUBLANES, plan.extra_block)
+      specs += [pl.BlockSpec((None, None, None, plan.extra_block, dk), self.extra_tile),
+                pl.BlockSpec((None, None, None, plan.extra_block, dv), self.extra_tile),
+                pl.BlockSpec(rows, self.extra_rows), pl.BlockSpec(rows, self.extra_rows)]
+    return specs
+
+
+def compiler_params(num_parallel: int, vmem_limit_bytes):
+  """Every grid axis but the last is independent; the last carries the accumulators."""
+  return pltpu.CompilerParams(
+      dimension_semantics=(pltpu.PARALLEL,) * num_parallel + (pltpu.ARBITRARY,),
+      vmem_limit_bytes=vmem_limit_bytes)
+
+
+def smem_spec():
+  return pl.BlockSpec(memory_space=pltpu.SMEM)
+
+
+def forward(q, k, v, extra_k, extra_v, scale, bias, q_rows, k_rows, extra_rows,
+            extra_block_rows, *, spec: core.BlockSpec, plan: TilePlan, vmem_limit_bytes,
+            interpret):
+  """Runs the forward kernel on the padded layout.
+
+  Args:
+    q: ``[B, Hq, nb * padded_q, dk]``; k: ``[B, Hk, nb * padded_k, dk]``; v: ``[.., dv]``.
+    extra_k, extra_v: ``[B, Hk, E, extra_padded, d]`` (unused without extra keys).
+    scale: ``[1]`` float32; bias: ``[B]`` float32 (added to extra logits).
+    q_rows, k_rows: ``[B, H, 8, n]`` int32 positions, sublane-replicated.
+    extra_rows, extra_block_rows: ``[B, Hk, E, 8, extra_padded]`` int32.
+    spec: the call's ``core.BlockSpec``; plan: its tiles.
+    vmem_limit_bytes: Mosaic's scoped VMEM limit, or None.
+    interpret: False, or True / ``pltpu.InterpretParams`` to run on CPU.
+
+  Returns:
+    ``o [B, Hq, nb * padded_q, dv]`` in q's dtype and ``lse [B, Hq, 8, nb * padded_q]``.
+  """
+  batch, q_heads, q_len, dk = q.shape
+  dv = v.shape[-1]
+  maps = QueryTileMaps(plan, q_heads // k.shape[1])
+  in_specs = [smem_spec(), smem_spec(),
+              pl.BlockSpec((None, None, plan.q_tile, dk), maps.q_tile),
+              pl.BlockSpec((None, None, NUM_SUBLANES, plan.q_tile), maps.q_rows),
+              *maps.key_specs(dk, dv)]
+  args = [scale, bias, q, q_rows, k, v, k_rows]
+  if plan.has_extra:
+    args += [extra_k, extra_v, extra_rows, extra_block_rows]
+  kernel = functools.partial(_forward_kernel, spec=spec, plan=plan,
+                             precision=common.precision_for(q.dtype))
+  return pl.pallas_call(
+      kernel,
+      grid=maps.grid(batch, q_heads),
+      in_specs=in_specs,
+      out_specs=[pl.BlockSpec((None, None, plan.q_tile, dv), maps.q_tile),
+                 pl.BlockSpec((None, None, NUM_SUBLANES, plan.q_tile), maps.q_rows)],
+      out_shape=[jax.ShapeDtypeStruct((batch, q_heads, q_len, dv), q.dtype),
+                 jax.ShapeDtypeStruct((batch, q_heads, NUM_SUBLANES, q_len), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((plan.q_tile, NUM_LANES), jnp.float32),
+                      pltpu.VMEM((plan.q_tile, NUM_LANES), jnp.float32),
+                      pltpu.VMEM((plan.q_tile, dv), jnp.float32)],
+      compiler_params=compiler_params(4, vmem_limit_bytes),
+      interpret=interpret,
+      name="hyperattention_block_fwd",
+  )(*args)
