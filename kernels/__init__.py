@@ -24,3 +24,8 @@ class KernelBackend(NamedTuple):
 
 
 REGISTRY: dict[str, KernelBackend] = {}
+
+# Registered after KernelBackend exists: the backend module imports it.
+from hyperattention_jax.kernels import mosaic_tpu as _mosaic_tpu  # pylint: disable=wrong-import-position
+
+REGISTRY["mosaic_tpu"] = _mosaic_tpu.BACKEND

@@ -9,7 +9,7 @@ from hyperattention_jax.kernels.mosaic_tpu.tiling import NUM_LANES
 NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T: contract both minor (lane) dims
 NN_DIMS = (((1,), (0,)), ((), ()))  # a @ b
 
-_NO_KEY = jnp.iinfo(jnp.int32).max
+_NO_KEY = 1 << 30  # marks padding keys in the skip test; exact in float32
 
 
 def precision_for(dtype):
@@ -56,9 +56,12 @@ def may_count(q_pos_row, k_pos_row, causal: bool):
 
   That is when every key is padding or, with the causal mask, when the first valid key
   comes after the last query. Conservative for any positions, so skipping is always
-  exact; on causal leaves it skips the tiles above the diagonal.
+  exact; on causal leaves it skips the tiles above the diagonal. The reductions run in
+  float32, the vector unit's native reduction type; rounding is monotone, so a pair
+  that counts is never skipped (positions stay far below the sentinel 2**30).
   """
-  first_key = jnp.min(jnp.where(k_pos_row >= 0, k_pos_row, _NO_KEY))
+  f32 = jnp.float32
+  first_key = jnp.min(jnp.where(k_pos_row >= 0, k_pos_row, _NO_KEY).astype(f32))
   if causal:
-    return first_key <= jnp.max(q_pos_row)
-  return first_key < _NO_KEY
+    return first_key <= jnp.max(q_pos_row.astype(f32))
+  return first_key < float(_NO_KEY)
