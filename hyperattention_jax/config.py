@@ -50,6 +50,10 @@ class HyperAttentionConfig:
     check_int("sink_size", self.sink_size, 0)
     check_int("window_size", self.window_size, 0)
 
+  def replace(self, **changes) -> "HyperAttentionConfig":
+    """A copy with some fields changed (validated again)."""
+    return dataclasses.replace(self, **changes)
+
   @property
   def has_local(self) -> bool:
     """Whether some keys (sinks or a window) are attended exactly beside the LSH part."""
