@@ -121,7 +121,7 @@ class HyperAttention(nnx.Module):
     return rngs
 
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None,
-               key_value_seq_lengths=None, rngs=None):
+               key_value_seq_lengths=None, is_causal: bool | None = None, rngs=None):
     """Projects the inputs, attends with HyperAttention, projects back.
 
     ``inputs_k`` defaults to ``inputs_q`` and ``inputs_v`` to ``inputs_k``.
@@ -135,6 +135,8 @@ class HyperAttention(nnx.Module):
         layer's ``is_causal``.
       key_value_seq_lengths: optional ``[batch...]`` ints: keys at positions ``>=`` it
         are padding.
+      is_causal: overrides the layer's ``is_causal`` (as ``nnx.MultiHeadAttention``
+        takes it at the call).
       rngs: ``nnx.Rngs`` (its ``rng_collection`` stream), an ``nnx.RngStream`` or a
         PRNG key for the samples; overrides the stream kept at construction.
 
@@ -160,7 +162,8 @@ class HyperAttention(nnx.Module):
                              key_value_seq_lengths=key_value_seq_lengths,
                              implementation=self.implementation)
 
-    out = adapters.attend(attention, query, key, value, mask=mask, is_causal=self.is_causal,
+    is_causal = self.is_causal if is_causal is None else bool(is_causal)
+    out = adapters.attend(attention, query, key, value, mask=mask, is_causal=is_causal,
                           key_value_seq_lengths=key_value_seq_lengths,
                           check_mask=self.check_mask)
     return self.out(out)
