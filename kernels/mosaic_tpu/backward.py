@@ -23,7 +23,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 from hyperattention_jax import core
 from hyperattention_jax.kernels.mosaic_tpu import common
-from hyperattention_jax.kernels.mosaic_tpu.forward import QueryTileMaps, compiler_params, smem_spec
+from hyperattention_jax.kernels.mosaic_tpu.forward import (BATCH_AXIS, BLOCK_AXIS, STEP_AXIS,
+                                                            QueryTileMaps, compiler_params,
+                                                            smem_spec)
 from hyperattention_jax.kernels.mosaic_tpu.tiling import NUM_LANES, NUM_SUBLANES, TilePlan
 
 
@@ -35,7 +37,8 @@ def _dq_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, lse_ref, delta_ref, do_ref
   else:
     dq_ref, dscale_ref, dq_acc, dscale_acc = refs
     dbias_ref = dbias_acc = None
-  batch, block, step = pl.program_id(0), pl.program_id(2), pl.program_id(4)
+  batch, block = pl.program_id(BATCH_AXIS), pl.program_id(BLOCK_AXIS)
+  step = pl.program_id(STEP_AXIS)
   last_step = plan.k_tiles + plan.extra_steps - 1
 
   @pl.when(step == 0)
@@ -45,7 +48,8 @@ def _dq_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, lse_ref, delta_ref, do_ref
         acc[...] = jnp.zeros(acc.shape, jnp.float32)
 
   q, do = q_ref[...], do_ref[...]
-  q_pos, q_pos_row = common.column(q_pos_ref), common.row(q_pos_ref)
+  q_pos_rows = q_pos_ref[...]
+  q_pos, q_pos_row = common.column(q_pos_rows), common.row(q_pos_rows)
   lse, delta = common.column(lse_ref), common.column(delta_ref)
   scale = scale_ref[0]
 
@@ -115,8 +119,8 @@ def dq_call(q, k, v, extra_k, extra_v, scale, bias, q_rows, k_rows, extra_rows,
     ``[B, Hq, nb * q_tiles, 8, 128]`` float32 whose entries all hold the tile's sum.
   """
   batch, q_heads, q_len, dk = q.shape
-  dv = v.shape[-1]
-  maps = QueryTileMaps(plan, q_heads // k.shape[1])
+  kv_heads, dv = k.shape[1], v.shape[-1]
+  maps = QueryTileMaps(plan, q_heads // kv_heads)
   q_rows_spec = pl.BlockSpec((None, None, NUM_SUBLANES, plan.q_tile), maps.q_rows)
   in_specs = [smem_spec(), smem_spec(),
               pl.BlockSpec((None, None, plan.q_tile, dk), maps.q_tile),
@@ -133,7 +137,7 @@ def dq_call(q, k, v, extra_k, extra_v, scale, bias, q_rows, k_rows, extra_rows,
                              precision=common.precision_for(q.dtype))
   dq, *stats = pl.pallas_call(
       kernel,
-      grid=maps.grid(batch, q_heads),
+      grid=maps.grid(batch, kv_heads),
       in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, None, plan.q_tile, dk), maps.q_tile)]
       + [stats_spec] * num_stats,
@@ -141,7 +145,7 @@ def dq_call(q, k, v, extra_k, extra_v, scale, bias, q_rows, k_rows, extra_rows,
       + [jax.ShapeDtypeStruct(stats_shape, jnp.float32)] * num_stats,
       scratch_shapes=[pltpu.VMEM((plan.q_tile, dk), jnp.float32)]
       + [pltpu.VMEM((plan.q_tile, NUM_LANES), jnp.float32)] * num_stats,
-      compiler_params=compiler_params(4, vmem_limit_bytes),
+      compiler_params=compiler_params(5, vmem_limit_bytes),
       interpret=interpret,
       name="hyperattention_block_dq",
   )(*args)

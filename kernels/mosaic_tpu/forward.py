@@ -1,6 +1,7 @@
 """Forward Mosaic TPU kernel of the core primitive: ``o`` and ``lse`` per query tile.
 
-Grid ``(batch, q_head, block, q_tile, step)``; only ``step`` is sequential. Steps
+Grid ``(batch, kv_head, block, group member, q_tile, step)``; only ``step`` is
+sequential. Steps
 ``0 .. k_tiles - 1`` walk the block's diagonal key tiles. A resident extra key set is
 folded in during the last diagonal step (one DMA per (batch, kv head) when the set is
 shared); a streamed one takes one more step per tile. The running max, sum and output
@@ -44,7 +45,8 @@ def _forward_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, k_ref, v_ref, k_pos_r
      o_ref, lse_ref, m_ref, l_ref, acc_ref) = refs
   else:
     o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
-  batch, block, step = pl.program_id(0), pl.program_id(2), pl.program_id(4)
+  batch, block = pl.program_id(BATCH_AXIS), pl.program_id(BLOCK_AXIS)
+  step = pl.program_id(STEP_AXIS)
   last_step = plan.k_tiles + plan.extra_steps - 1
 
   @pl.when(step == 0)
@@ -54,7 +56,8 @@ def _forward_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, k_ref, v_ref, k_pos_r
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
   q = q_ref[...]
-  q_pos, q_pos_row = common.column(q_pos_ref), common.row(q_pos_ref)
+  q_pos_rows = q_pos_ref[...]
+  q_pos, q_pos_row = common.column(q_pos_rows), common.row(q_pos_rows)
   scale = scale_ref[0]
 
   @pl.when(step < plan.k_tiles)
@@ -104,58 +107,68 @@ def _forward_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, k_ref, v_ref, k_pos_r
     lse_ref[...] = lse.T[:NUM_SUBLANES]
 
 
+# Grid axes of the forward and dq calls: (batch, kv_head, block, member, q_tile, step).
+# The query heads of a GQA group (``member``) sit inside the block axis, so a block
+# whose keys fit one tile has them fetched once per group, not once per query head.
+BATCH_AXIS, BLOCK_AXIS, STEP_AXIS = 0, 2, 5
+
+
 class QueryTileMaps:
-  """Index maps shared by the forward and dq calls, grid ``(b, h, block, q_tile, step)``."""
+  """Index maps shared by the forward and dq calls (grid axes above)."""
 
   def __init__(self, plan: TilePlan, groups: int):
     self.plan = plan
     self.groups = groups
 
-  def q_tile(self, b, h, block, i, step):
-    del step
-    return b, h, block * self.plan.q_tiles + i, 0
+  def _q_tile_index(self, block, i):
+    return block * self.plan.q_tiles + i
 
-  def q_rows(self, b, h, block, i, step):
+  def q_tile(self, b, hk, block, member, i, step):
     del step
-    return b, h, 0, block * self.plan.q_tiles + i
+    return b, hk * self.groups + member, self._q_tile_index(block, i), 0
 
-  def q_stats(self, b, h, block, i, step):
+  def q_rows(self, b, hk, block, member, i, step):
     del step
-    return b, h, block * self.plan.q_tiles + i, 0, 0
+    return b, hk * self.groups + member, 0, self._q_tile_index(block, i)
+
+  def q_stats(self, b, hk, block, member, i, step):
+    del step
+    return b, hk * self.groups + member, self._q_tile_index(block, i), 0, 0
 
   def _diagonal_tile(self, block, step):
     # During the extra steps the last diagonal tile stays put, so nothing is refetched.
     return block * self.plan.k_tiles + jnp.minimum(step, self.plan.k_tiles - 1)
 
-  def k_tile(self, b, h, block, i, step):
-    del i
-    return b, jax.lax.div(h, self.groups), self._diagonal_tile(block, step), 0
+  def k_tile(self, b, hk, block, member, i, step):
+    del member, i
+    return b, hk, self._diagonal_tile(block, step), 0
 
-  def k_rows(self, b, h, block, i, step):
-    del i
-    return b, jax.lax.div(h, self.groups), 0, self._diagonal_tile(block, step)
+  def k_rows(self, b, hk, block, member, i, step):
+    del member, i
+    return b, hk, 0, self._diagonal_tile(block, step)
 
   def _extra_index(self, block, step):
     extra_set = block if self.plan.num_extra_sets > 1 else 0
     if self.plan.extra_resident:
-      # Constant over blocks (shared set), query tiles and steps: fetched once per
-      # (batch, kv head), since the pipeline skips copies of an unchanged block.
+      # Constant over blocks (shared set), heads of the group, query tiles and steps:
+      # fetched once per (batch, kv head), as the pipeline skips unchanged blocks.
       return extra_set, 0
     return extra_set, jnp.maximum(step - self.plan.k_tiles, 0)
 
-  def extra_tile(self, b, h, block, i, step):
-    del i
+  def extra_tile(self, b, hk, block, member, i, step):
+    del member, i
     extra_set, tile = self._extra_index(block, step)
-    return b, jax.lax.div(h, self.groups), extra_set, tile, 0
+    return b, hk, extra_set, tile, 0
 
-  def extra_rows(self, b, h, block, i, step):
-    del i
+  def extra_rows(self, b, hk, block, member, i, step):
+    del member, i
     extra_set, tile = self._extra_index(block, step)
-    return b, jax.lax.div(h, self.groups), extra_set, 0, tile
+    return b, hk, extra_set, 0, tile
 
-  def grid(self, batch: int, q_heads: int):
+  def grid(self, batch: int, kv_heads: int):
     plan = self.plan
-    return (batch, q_heads, plan.num_blocks, plan.q_tiles, plan.k_tiles + plan.extra_steps)
+    return (batch, kv_heads, plan.num_blocks, self.groups, plan.q_tiles,
+            plan.k_tiles + plan.extra_steps)
 
   def key_specs(self, dk: int, dv: int):
     """Specs of ``k, v, k_rows`` and, with extra keys, ``extra_k, extra_v`` and their rows."""
@@ -201,8 +214,8 @@ def forward(q, k, v, extra_k, extra_v, scale, bias, q_rows, k_rows, extra_rows,
     ``o [B, Hq, nb * padded_q, dv]`` in q's dtype and ``lse [B, Hq, 8, nb * padded_q]``.
   """
   batch, q_heads, q_len, dk = q.shape
-  dv = v.shape[-1]
-  maps = QueryTileMaps(plan, q_heads // k.shape[1])
+  kv_heads, dv = k.shape[1], v.shape[-1]
+  maps = QueryTileMaps(plan, q_heads // kv_heads)
   in_specs = [smem_spec(), smem_spec(),
               pl.BlockSpec((None, None, plan.q_tile, dk), maps.q_tile),
               pl.BlockSpec((None, None, NUM_SUBLANES, plan.q_tile), maps.q_rows),
@@ -214,7 +227,7 @@ def forward(q, k, v, extra_k, extra_v, scale, bias, q_rows, k_rows, extra_rows,
                              precision=common.precision_for(q.dtype))
   return pl.pallas_call(
       kernel,
-      grid=maps.grid(batch, q_heads),
+      grid=maps.grid(batch, kv_heads),
       in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, None, plan.q_tile, dv), maps.q_tile),
                  pl.BlockSpec((None, None, NUM_SUBLANES, plan.q_tile), maps.q_rows)],
@@ -223,7 +236,7 @@ def forward(q, k, v, extra_k, extra_v, scale, bias, q_rows, k_rows, extra_rows,
       scratch_shapes=[pltpu.VMEM((plan.q_tile, NUM_LANES), jnp.float32),
                       pltpu.VMEM((plan.q_tile, NUM_LANES), jnp.float32),
                       pltpu.VMEM((plan.q_tile, dv), jnp.float32)],
-      compiler_params=compiler_params(4, vmem_limit_bytes),
+      compiler_params=compiler_params(5, vmem_limit_bytes),
       interpret=interpret,
       name="hyperattention_block_fwd",
   )(*args)
