@@ -166,8 +166,15 @@ class ModuleTest(parameterized.TestCase):
       ha_nnx.HyperAttention(HEADS, FEATURES, num_kv_heads=3, rngs=nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "qkv_features"):
       ha_nnx.HyperAttention(3, FEATURES, rngs=nnx.Rngs(0))
+    layer = ha_nnx.HyperAttention(HEADS, FEATURES, rngs=nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "in_features"):
-      ha_nnx.HyperAttention(HEADS, FEATURES, rngs=nnx.Rngs(0))(jnp.ones((1, 4, 8)))
+      layer(jnp.ones((1, 4, 8)))
+    with self.assertRaisesRegex(ValueError, "sow"):
+      layer(jnp.ones((1, 4, FEATURES)), sow_weights=True)
+    with self.assertRaisesRegex(ValueError, "decode"):
+      layer(jnp.ones((1, 4, FEATURES)), decode=True)
+    x = jnp.ones((1, 4, FEATURES))
+    chex.assert_trees_all_equal(layer(x, deterministic=False), layer(x))
 
 
 class TrainingTest(parameterized.TestCase):
@@ -355,6 +362,8 @@ class MaskErrorTest(parameterized.TestCase):
       hyper_attention_fn(q, q, q, dropout_rate=0.1, deterministic=False)
     with self.assertRaisesRegex(ValueError, "bias"):
       hyper_attention_fn(q, q, q, bias=jnp.zeros((2, 2, SHORT, SHORT)))
+    with self.assertRaisesRegex(ValueError, "rotary"):
+      hyper_attention_fn(q, q, q, input_positions=jnp.arange(SHORT))
     layer = nnx.MultiHeadAttention(HEADS, FEATURES, decode=False, rngs=nnx.Rngs(0),
                                    attention_fn=hyper_attention_fn)
     with self.assertRaisesRegex(ValueError, "sow"):

@@ -31,7 +31,6 @@ right-padded indicator, their ``nn.combine_masks``, and the decoding cache mask.
 """
 
 import contextlib
-import math
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +57,6 @@ def _mask_error(mask_shape, *, traced: bool, is_causal: bool) -> str:
 def _raise_unless(matches, *, message):
   if not np.all(matches):
     raise ValueError(message)
-
-
-def _flatten_batch(x, num_batch_dims: int):
-  return x.reshape((math.prod(x.shape[:num_batch_dims]),) + x.shape[num_batch_dims:])
 
 
 def attend(attention, query, key, value, *, mask=None, is_causal: bool = False,
@@ -97,8 +92,7 @@ def attend(attention, query, key, value, *, mask=None, is_causal: bool = False,
       raise ValueError(f"{name} must have the batch dims of query {batch_shape}; got "
                        f"{name}.shape={np.shape(x)}.")
   num_batch_dims = len(batch_shape)
-  q, k, v = (_flatten_batch(x[None] if not num_batch_dims else x, num_batch_dims or 1)
-             for x in (query, key, value))
+  q, k, v = (x.reshape((-1,) + x.shape[-3:]) for x in (query, key, value))  # one batch axis
   q_len, num_heads = q.shape[1:3]
   kv_len = k.shape[1]
   lengths = None
@@ -151,8 +145,24 @@ def attend(attention, query, key, value, *, mask=None, is_causal: bool = False,
   return out.reshape(batch_shape + out.shape[1:])
 
 
-def _flax_hook_checks(*, bias, dropout_rate, deterministic, module, dtype, query, key, value):
+def check_unsupported_call(*, sow_weights: bool = False, decode: bool | None = None):
+  """Rejects call options of Flax's attention layers that HyperAttention cannot honour."""
+  if sow_weights:
+    raise ValueError("HyperAttention never forms the attention weights, so it cannot sow "
+                     "them; call the layer with sow_weights=False.")
+  if decode:
+    raise ValueError("decode=True (an autoregressive cache) is not supported by the "
+                     "HyperAttention layer; use nnx.MultiHeadAttention with "
+                     "attention_fn=hyper_attention_fn for cached decoding.")
+
+
+def _flax_hook_checks(*, bias, dropout_rate, deterministic, module, dtype, query, key, value,
+                      unused_kwargs):
   """Checks what Flax's modules pass to ``attention_fn``; returns q, k, v in one dtype."""
+  if unused_kwargs.get("input_positions") is not None:
+    raise ValueError("input_positions was given, which asks the attention function to apply "
+                     "rotary embeddings; HyperAttention does not. Rotate the queries and keys "
+                     "before attention instead.")
   if bias is not None:
     raise ValueError("HyperAttention cannot add an attention bias; got a bias of shape "
                      f"{np.shape(bias)}. Use a mask of a supported form instead.")
@@ -160,9 +170,7 @@ def _flax_hook_checks(*, bias, dropout_rate, deterministic, module, dtype, query
     raise ValueError(f"HyperAttention never forms the attention weights, so attention "
                      f"dropout is not supported; got dropout_rate={dropout_rate} with "
                      f"deterministic=False. Set dropout_rate=0.0 on the layer.")
-  if module is not None:
-    raise ValueError("HyperAttention never forms the attention weights, so it cannot sow "
-                     "them; call the layer with sow_weights=False.")
+  check_unsupported_call(sow_weights=module is not None)
   dtype = jnp.result_type(query, key, value) if dtype is None else dtype
   return tuple(jnp.asarray(x, dtype) for x in (query, key, value))
 
@@ -200,7 +208,8 @@ def hyper_attention_fn(query, key, value, *, bias=None, mask=None, is_causal: bo
     precision: ignored; logits are computed in float32 at the highest precision.
     module: must be None (the weights are never formed, so they cannot be sown).
     **unused_kwargs: other arguments of Flax's hook (``dropout_rng``,
-      ``broadcast_dropout``, ``promote_dtype``, ...), ignored.
+      ``broadcast_dropout``, ``promote_dtype``, ...), ignored; except
+      ``input_positions`` (rotary embeddings, not applied here), which must be None.
 
   Returns:
     ``[batch..., q_len, num_heads, value_head_dim]``.
@@ -213,10 +222,10 @@ def hyper_attention_fn(query, key, value, *, bias=None, mask=None, is_causal: bo
     >>> layer.apply(variables, x).shape
     (2, 8192, 64)
   """
-  del precision, unused_kwargs
+  del precision
   q, k, v = _flax_hook_checks(bias=bias, dropout_rate=dropout_rate,
                               deterministic=deterministic, module=module, dtype=dtype,
-                              query=query, key=key, value=value)
+                              query=query, key=key, value=value, unused_kwargs=unused_kwargs)
 
   def attention(q, k, v, *, is_causal, key_value_seq_lengths):
     return hyper_attention(q, k, v, rng=rng, is_causal=is_causal, config=config,
@@ -249,10 +258,10 @@ def exact_attention_fn(query, key, value, *, bias=None, mask=None, is_causal: bo
     >>> layer(jnp.ones((2, 16, 64)), is_causal=True).shape
     (2, 16, 64)
   """
-  del precision, unused_kwargs
+  del precision
   q, k, v = _flax_hook_checks(bias=bias, dropout_rate=dropout_rate,
                               deterministic=deterministic, module=module, dtype=dtype,
-                              query=query, key=key, value=value)
+                              query=query, key=key, value=value, unused_kwargs=unused_kwargs)
 
   def attention(q, k, v, *, is_causal, key_value_seq_lengths):
     return exact_attention(q, k, v, is_causal=is_causal,

@@ -74,7 +74,8 @@ class HyperAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None,
-               key_value_seq_lengths=None, rng=None):
+               key_value_seq_lengths=None, rng=None, deterministic: bool | None = None,
+               dropout_rng=None, sow_weights: bool = False):
     """Projects the inputs, attends with HyperAttention, projects back.
 
     ``inputs_k`` defaults to ``inputs_q`` and ``inputs_v`` to ``inputs_k``.
@@ -89,10 +90,15 @@ class HyperAttention(nn.Module):
       key_value_seq_lengths: optional ``[batch...]`` ints: keys at positions ``>=`` it
         are padding.
       rng: PRNG key for the samples; overrides the ``rng_collection`` stream.
+      deterministic, dropout_rng: accepted for call sites of
+        ``nn.MultiHeadDotProductAttention``; ignored (the layer has no dropout).
+      sow_weights: must be False (the weights are never formed).
 
     Returns:
       ``[batch..., q_len, out_features]``.
     """
+    del deterministic, dropout_rng
+    adapters.check_unsupported_call(sow_weights=sow_weights)
     if inputs_k is None:
       if inputs_v is not None:
         raise ValueError("inputs_k cannot be None when inputs_v is given.")

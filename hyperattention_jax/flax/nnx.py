@@ -121,7 +121,9 @@ class HyperAttention(nnx.Module):
     return rngs
 
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None,
-               key_value_seq_lengths=None, is_causal: bool | None = None, rngs=None):
+               key_value_seq_lengths=None, is_causal: bool | None = None, rngs=None,
+               deterministic: bool | None = None, sow_weights: bool = False,
+               decode: bool | None = None):
     """Projects the inputs, attends with HyperAttention, projects back.
 
     ``inputs_k`` defaults to ``inputs_q`` and ``inputs_v`` to ``inputs_k``.
@@ -139,10 +141,16 @@ class HyperAttention(nnx.Module):
         takes it at the call).
       rngs: ``nnx.Rngs`` (its ``rng_collection`` stream), an ``nnx.RngStream`` or a
         PRNG key for the samples; overrides the stream kept at construction.
+      deterministic: accepted for call sites of ``nnx.MultiHeadAttention``; ignored (the
+        layer has no dropout).
+      sow_weights: must be False (the weights are never formed).
+      decode: must be falsy (no autoregressive cache).
 
     Returns:
       ``[batch..., q_len, out_features]``.
     """
+    del deterministic
+    adapters.check_unsupported_call(sow_weights=sow_weights, decode=decode)
     if inputs_k is None:
       if inputs_v is not None:
         raise ValueError("inputs_k cannot be None when inputs_v is given.")
