@@ -30,9 +30,10 @@ from hyperattention_jax.kernels.mosaic_tpu import tiling
 # Interpret-mode programs are large and run once: skip XLA's slow CPU optimisations.
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
-# Small tiles so that a block spans several of them, and a streamed extra set.
+# Small tiles so that a block spans several of them, a streamed extra set, and one query
+# head per step (the heads of a group otherwise share a step).
 _SMALL_TILES = BlockSizes(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=256,
-                          block_extra=128, resident_extra_bytes=0)
+                          block_extra=128, resident_extra_bytes=0, rows_per_step=128)
 
 _CASES = (
     # An LSH piece of cross-attention (query and key blocks differ): shuffled positions,
@@ -223,7 +224,7 @@ class MosaicTpuBackendTest(absltest.TestCase):
       mosaic_tpu.block_attention(**inputs, spec=spec, scale=1.0, interpret=True)
 
   def test_tiles(self):
-    plan = tiling.plan_tiles(num_blocks=2, block_q=600, block_k=4096, num_extra=300,
+    plan = tiling.plan_tiles(num_blocks=2, block_q=600, block_k=4096, groups=8, num_extra=300,
                              num_extra_sets=1, head_dims=(128, 128), itemsize=2,
                              block_sizes=BlockSizes())
     self.assertEqual((plan.q_tile, plan.q_tiles), (384, 2))
@@ -233,11 +234,13 @@ class MosaicTpuBackendTest(absltest.TestCase):
     self.assertEqual(plan.extra_steps, 0)
     self.assertEqual(plan.padded_q % plan.q_tile_dkv, 0)
     self.assertEqual(plan.padded_k % plan.k_tile_dkv, 0)
-    streamed = tiling.plan_tiles(num_blocks=2, block_q=256, block_k=256, num_extra=1000,
+    self.assertEqual(plan.heads_per_step, 4)  # 4 * 384 rows <= 2048 < 8 * 384
+    streamed = tiling.plan_tiles(num_blocks=2, block_q=256, block_k=256, groups=3, num_extra=1000,
                                  num_extra_sets=1, head_dims=(128, 128), itemsize=2,
                                  block_sizes=BlockSizes(resident_extra_bytes=0))
     self.assertFalse(streamed.extra_resident)
     self.assertEqual(streamed.extra_steps * streamed.extra_chunk, streamed.extra_padded)
+    self.assertEqual(streamed.heads_per_step, 3)
     with self.assertRaisesRegex(ValueError, "block_q=100"):
       BlockSizes(block_q=100)
 

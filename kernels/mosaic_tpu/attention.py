@@ -144,9 +144,9 @@ def plan_call(q, k, v, extra_k, extra_pos, *, spec: core.BlockSpec,
     raise NotImplementedError(f"extra key sets must be 1 or num_blocks={num_blocks}; got "
                               f"{num_extra_sets}.")
   return tiling.plan_tiles(num_blocks=num_blocks, block_q=spec.block_q, block_k=spec.block_k,
-                           num_extra=num_extra, num_extra_sets=num_extra_sets,
-                           head_dims=(dk, dv), itemsize=jnp.dtype(q.dtype).itemsize,
-                           block_sizes=block_sizes)
+                           groups=q_heads // kv_heads, num_extra=num_extra,
+                           num_extra_sets=num_extra_sets, head_dims=(dk, dv),
+                           itemsize=jnp.dtype(q.dtype).itemsize, block_sizes=block_sizes)
 
 
 def block_attention(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_block, extra_bias,

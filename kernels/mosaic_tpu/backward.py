@@ -1,17 +1,17 @@
 """Backward Mosaic TPU kernels of the core primitive: dq, and dk/dv (diagonal and extra keys).
 
 With ``p = exp(s - lse)`` recomputed per tile and ``delta = rowsum(dO * O) - dlse``
-(the lse cotangent folds into delta), every kernel uses
-``ds = p * (dp - delta)``, ``dp = dO v^T``; the logit gradient is ``scale * ds``.
+(the lse cotangent folds into delta), every kernel uses ``ds = p * (dp - delta)`` with
+``dp = dO v^T``; the logit gradient is ``scale * ds``.
 
 * dq: grid and key walk of the forward kernel; it also sums ``ds * (q k^T)`` (the scale's
   gradient) and, over the extra keys, ``ds`` (the bias's) per query tile.
 * dk/dv: one call for the diagonal key tiles and one for the extra key tiles, grid
-  ``(batch, kv_head, set, key_tile, r)``, where the sequential ``r`` walks every
-  (query head of the group, block reading the set, query tile) that reads the key tile,
-  so the gradients of a shared extra set accumulate over all blocks in VMEM. These
-  kernels are transposed: keys along sublanes, query rows along lanes, so the per-row
-  lse and delta are plain rows.
+  ``(batch, kv_head, set, key_tile, r)``, where the sequential ``r`` walks every (head
+  pack of the group, block reading the set, query tile) that reads the key tile, so
+  the gradients of a shared extra set accumulate over all blocks in VMEM. These
+  kernels are transposed, keys along sublanes and query rows along lanes, so the
+  per-row lse and delta are plain rows.
 """
 
 import functools
@@ -25,21 +25,22 @@ from hyperattention_jax import core
 from hyperattention_jax.kernels.mosaic_tpu import common
 from hyperattention_jax.kernels.mosaic_tpu.forward import (BATCH_AXIS, BLOCK_AXIS, STEP_AXIS,
                                                             QueryTileMaps, compiler_params,
-                                                            smem_spec)
+                                                            for_each_key_tile, smem_spec)
 from hyperattention_jax.kernels.mosaic_tpu.tiling import NUM_LANES, NUM_SUBLANES, TilePlan
 
 
 def _dq_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, lse_ref, delta_ref, do_ref, k_ref, v_ref,
                k_pos_ref, *refs, spec: core.BlockSpec, plan: TilePlan, precision):
   if plan.has_extra:
-    (extra_k_ref, extra_v_ref, extra_pos_ref, extra_block_ref,
-     dq_ref, dscale_ref, dbias_ref, dq_acc, dscale_acc, dbias_acc) = refs
+    extra_refs, (dq_ref, dscale_ref, dbias_ref, dq_acc, dscale_acc, dbias_acc) = (
+        refs[:4], refs[4:])
   else:
-    dq_ref, dscale_ref, dq_acc, dscale_acc = refs
+    extra_refs, (dq_ref, dscale_ref, dq_acc, dscale_acc) = (), refs
     dbias_ref = dbias_acc = None
   batch, block = pl.program_id(BATCH_AXIS), pl.program_id(BLOCK_AXIS)
   step = pl.program_id(STEP_AXIS)
-  last_step = plan.k_tiles + plan.extra_steps - 1
+  heads = q_ref.shape[0]
+  scale = scale_ref[0]
 
   @pl.when(step == 0)
   def _init():
@@ -47,63 +48,45 @@ def _dq_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, lse_ref, delta_ref, do_ref
       if acc is not None:
         acc[...] = jnp.zeros(acc.shape, jnp.float32)
 
-  q, do = q_ref[...], do_ref[...]
-  q_pos_rows = q_pos_ref[...]
-  q_pos, q_pos_row = common.column(q_pos_rows), common.row(q_pos_rows)
-  lse, delta = common.column(lse_ref), common.column(delta_ref)
-  scale = scale_ref[0]
+  def attend(k, v, k_pos, rule, mask_more=None, bias=None):
+    """Every head of the step against one key tile (shared by the heads)."""
+    for head in range(heads):
+      q_pos_rows = q_pos_ref[head]
 
-  def accumulate(k, v, raw_logits, logits, keep, is_extra: bool):
-    p = jnp.where(keep, jnp.exp(logits - lse), 0.0)
-    dp = common.matmul(do, v, common.NT_DIMS, precision)
-    ds = p * (dp - delta)
-    dq_acc[...] += common.matmul(ds.astype(k.dtype), k, common.NN_DIMS, precision)
-    # d/dscale of scale * (q.k) + bias is q.k; d/dbias is 1 on the extra logits.
-    dscale_acc[...] += jnp.sum(ds * raw_logits, axis=1, keepdims=True)
-    if is_extra:
-      dbias_acc[...] += jnp.sum(ds, axis=1, keepdims=True)
+      @pl.when(common.may_count(common.row(q_pos_rows), k_pos, spec.causal))
+      def _():
+        raw_logits = common.matmul(q_ref[head], k, common.NT_DIMS, precision)
+        logits = scale * raw_logits if bias is None else scale * raw_logits + bias
+        keep = common.tile_mask(common.column(q_pos_rows), k_pos, rule, spec, logits.shape)
+        if mask_more is not None:
+          keep &= mask_more(logits.shape)
+        p = jnp.where(keep, jnp.exp(logits - common.column(lse_ref[head])), 0.0)
+        dp = common.matmul(do_ref[head], v, common.NT_DIMS, precision)
+        ds = p * (dp - common.column(delta_ref[head]))
+        dq_acc[head] += common.matmul(ds.astype(k.dtype), k, common.NN_DIMS, precision)
+        # d/dscale of scale * q.k + bias is q.k; d/dbias is 1 on the extra logits.
+        dscale_acc[head] += jnp.sum(ds * raw_logits, axis=1, keepdims=True)
+        if bias is not None:
+          dbias_acc[head] += jnp.sum(ds, axis=1, keepdims=True)
 
-  @pl.when(step < plan.k_tiles)
-  def _diagonal():
-    k_pos = common.row(k_pos_ref)
+  def attend_diagonal():
+    attend(k_ref[...], v_ref[...], common.row(k_pos_ref), spec.diagonal_keys)
 
-    @pl.when(common.may_count(q_pos_row, k_pos, spec.causal))
-    def _():
-      k = k_ref[...]
-      raw_logits = common.matmul(q, k, common.NT_DIMS, precision)
-      keep = common.tile_mask(q_pos, k_pos, spec.diagonal_keys, spec, raw_logits.shape)
-      accumulate(k, v_ref[...], raw_logits, scale * raw_logits, keep, False)
+  def attend_extra(k, v, extra_pos, extra_block):
+    attend(k, v, extra_pos, spec.extra_keys, bias=bias_ref[batch],
+           mask_more=lambda shape: jnp.broadcast_to(extra_block, shape) != block)
 
-  def extra_chunk(start: int):
-    chunk = pl.ds(start, plan.extra_chunk)
-    extra_pos = extra_pos_ref[:1, chunk]
+  for_each_key_tile(step, plan, attend_diagonal, attend_extra, extra_refs)
 
-    @pl.when(common.may_count(q_pos_row, extra_pos, spec.causal))
-    def _():
-      k = extra_k_ref[chunk, :]
-      raw_logits = common.matmul(q, k, common.NT_DIMS, precision)
-      keep = common.tile_mask(q_pos, extra_pos, spec.extra_keys, spec, raw_logits.shape)
-      keep &= jnp.broadcast_to(extra_block_ref[:1, chunk], raw_logits.shape) != block
-      accumulate(k, extra_v_ref[chunk, :], raw_logits, scale * raw_logits + bias_ref[batch],
-                 keep, True)
-
-  if plan.has_extra and plan.extra_resident:
-    @pl.when(step == plan.k_tiles - 1)
-    def _resident_extras():
-      for start in range(0, plan.extra_padded, plan.extra_chunk):
-        extra_chunk(start)
-  elif plan.has_extra:
-    @pl.when(step >= plan.k_tiles)
-    def _streamed_extras():
-      extra_chunk(0)
-
-  @pl.when(step == last_step)
+  @pl.when(step == plan.k_tiles + plan.extra_steps - 1)
   def _finish():
     dq_ref[...] = (scale * dq_acc[...]).astype(dq_ref.dtype)
-    # Per-tile partial sums, one (8, 128) block each; every entry holds the sum.
+    # Per-tile partial sums, one (8, 128) block per head; every entry holds the sum.
     for acc, out in ((dscale_acc, dscale_ref), (dbias_acc, dbias_ref)):
       if acc is not None:
-        out[...] = jnp.broadcast_to(jnp.sum(acc[...], axis=0, keepdims=True), out.shape)
+        for head in range(heads):
+          out[head] = jnp.broadcast_to(jnp.sum(acc[head], axis=0, keepdims=True),
+                                       out.shape[1:])
 
 
 def dq_call(q, k, v, extra_k, extra_v, scale, bias, q_rows, k_rows, extra_rows,
@@ -118,34 +101,33 @@ def dq_call(q, k, v, extra_k, extra_v, scale, bias, q_rows, k_rows, extra_rows,
     ``dq`` like q; ``dscale_parts`` and (with extra keys, else None) ``dbias_parts``,
     ``[B, Hq, nb * q_tiles, 8, 128]`` float32 whose entries all hold the tile's sum.
   """
-  batch, q_heads, q_len, dk = q.shape
+  batch, q_heads, _, dk = q.shape
   kv_heads, dv = k.shape[1], v.shape[-1]
   maps = QueryTileMaps(plan, q_heads // kv_heads)
-  q_rows_spec = pl.BlockSpec((None, None, NUM_SUBLANES, plan.q_tile), maps.q_rows)
-  in_specs = [smem_spec(), smem_spec(),
-              pl.BlockSpec((None, None, plan.q_tile, dk), maps.q_tile),
-              q_rows_spec, q_rows_spec, q_rows_spec,
-              pl.BlockSpec((None, None, plan.q_tile, dv), maps.q_tile),
+  in_specs = [smem_spec(), smem_spec(), maps.query_spec(dk), maps.query_rows_spec(),
+              maps.query_rows_spec(), maps.query_rows_spec(), maps.query_spec(dv),
               *maps.key_specs(dk, dv)]
   args = [scale, bias, q, q_rows, lse_rows, delta_rows, do, k, v, k_rows]
   if plan.has_extra:
     args += [extra_k, extra_v, extra_rows, extra_block_rows]
   num_stats = 2 if plan.has_extra else 1
   stats_shape = (batch, q_heads, plan.num_blocks * plan.q_tiles, NUM_SUBLANES, NUM_LANES)
-  stats_spec = pl.BlockSpec((None, None, None, NUM_SUBLANES, NUM_LANES), maps.q_stats)
+  stats_spec = pl.BlockSpec((None, plan.heads_per_step, None, NUM_SUBLANES, NUM_LANES),
+                            maps.q_stats)
+  state = (plan.heads_per_step, plan.q_tile)
   kernel = functools.partial(_dq_kernel, spec=spec, plan=plan,
                              precision=common.precision_for(q.dtype))
+  grid = maps.grid(batch, kv_heads)
   dq, *stats = pl.pallas_call(
       kernel,
-      grid=maps.grid(batch, kv_heads),
+      grid=grid,
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, None, plan.q_tile, dk), maps.q_tile)]
-      + [stats_spec] * num_stats,
+      out_specs=[maps.query_spec(dk)] + [stats_spec] * num_stats,
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)]
       + [jax.ShapeDtypeStruct(stats_shape, jnp.float32)] * num_stats,
-      scratch_shapes=[pltpu.VMEM((plan.q_tile, dk), jnp.float32)]
-      + [pltpu.VMEM((plan.q_tile, NUM_LANES), jnp.float32)] * num_stats,
-      compiler_params=compiler_params(5, vmem_limit_bytes),
+      scratch_shapes=[pltpu.VMEM(state + (dk,), jnp.float32)]
+      + [pltpu.VMEM(state + (NUM_LANES,), jnp.float32)] * num_stats,
+      compiler_params=compiler_params(len(grid), vmem_limit_bytes),
       interpret=interpret,
       name="hyperattention_block_dq",
   )(*args)
@@ -160,68 +142,76 @@ def _dkv_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, lse_ref, delta_ref, do_re
   else:
     dk_ref, dv_ref, dk_acc, dv_acc = refs
   batch, key_set, r = pl.program_id(0), pl.program_id(2), pl.program_id(4)
+  scale = scale_ref[0]
 
   @pl.when(r == 0)
   def _init():
     dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
     dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-  q_pos = common.row(q_pos_ref)
+  k, v = k_ref[...], v_ref[...]
+  k_pos_rows = k_pos_ref[...]
+  k_pos = common.column(k_pos_rows)
+  rule = spec.extra_keys if is_extra else spec.diagonal_keys
+  if is_extra:
+    block = key_set * blocks_per_set + jax.lax.rem(jax.lax.div(r, q_tiles), blocks_per_set)
+    key_block = common.column(key_block_ref)
 
-  @pl.when(common.may_count(q_pos, common.row(k_pos_ref), spec.causal))
-  def _():
-    q, do, k, v = q_ref[...], do_ref[...], k_ref[...], v_ref[...]
-    logits = scale_ref[0] * common.matmul(k, q, common.NT_DIMS, precision)  # [tk, tq]
-    rule = spec.extra_keys if is_extra else spec.diagonal_keys
-    keep = common.tile_mask(q_pos, common.column(k_pos_ref), rule, spec, logits.shape)
-    if is_extra:
-      logits += bias_ref[batch]
-      block = key_set * blocks_per_set + jax.lax.rem(jax.lax.div(r, q_tiles), blocks_per_set)
-      keep &= jnp.broadcast_to(common.column(key_block_ref), logits.shape) != block
-    p = jnp.where(keep, jnp.exp(logits - common.row(lse_ref)), 0.0)
-    dv_acc[...] += common.matmul(p.astype(do.dtype), do, common.NN_DIMS, precision)
-    dp = common.matmul(v, do, common.NT_DIMS, precision)
-    ds = p * (dp - common.row(delta_ref))
-    dk_acc[...] += common.matmul(ds.astype(q.dtype), q, common.NN_DIMS, precision)
+  for head in range(q_ref.shape[0]):  # the heads of the pack share this key tile
+    q_pos = common.row(q_pos_ref[head])
+
+    @pl.when(common.may_count(q_pos, common.row(k_pos_rows), spec.causal))
+    def _():
+      q, do = q_ref[head], do_ref[head]
+      logits = scale * common.matmul(k, q, common.NT_DIMS, precision)  # [tk, tq]
+      keep = common.tile_mask(q_pos, k_pos, rule, spec, logits.shape)
+      if is_extra:
+        logits += bias_ref[batch]
+        keep &= jnp.broadcast_to(key_block, logits.shape) != block
+      p = jnp.where(keep, jnp.exp(logits - common.row(lse_ref[head])), 0.0)
+      dv_acc[...] += common.matmul(p.astype(do.dtype), do, common.NN_DIMS, precision)
+      dp = common.matmul(v, do, common.NT_DIMS, precision)
+      ds = p * (dp - common.row(delta_ref[head]))
+      dk_acc[...] += common.matmul(ds.astype(q.dtype), q, common.NN_DIMS, precision)
 
   @pl.when(r == num_steps - 1)
   def _finish():
-    dk_ref[...] = (scale_ref[0] * dk_acc[...]).astype(dk_ref.dtype)
+    dk_ref[...] = (scale * dk_acc[...]).astype(dk_ref.dtype)
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
 class _KeyTileMaps:
   """Index maps of the dk/dv calls, grid ``(b, kv_head, set, key_tile, r)``.
 
-  ``r`` runs over (query head of the group, block reading the set, query tile); a set
-  is read by ``blocks_per_set`` consecutive blocks (all of them for a shared extra
-  set, its own block otherwise).
+  ``r`` runs over (head pack of the group, block reading the set, query tile); a set
+  is read by ``blocks_per_set`` consecutive blocks (all of them for a shared extra set,
+  its own block otherwise).
   """
 
-  def __init__(self, *, groups: int, blocks_per_set: int, q_tiles: int, keys_per_set: int,
+  def __init__(self, *, packs: int, blocks_per_set: int, q_tiles: int, keys_per_set: int,
                is_extra: bool):
-    self.groups = groups
+    self.packs = packs
     self.blocks_per_set = blocks_per_set
     self.q_tiles = q_tiles
     self.keys_per_set = keys_per_set
     self.is_extra = is_extra
 
   def _query(self, hk, key_set, r):
-    per_head = self.blocks_per_set * self.q_tiles
-    head = hk * self.groups + jax.lax.div(r, per_head)
+    per_pack = self.blocks_per_set * self.q_tiles
+    heads = hk * self.packs + jax.lax.div(r, per_pack)
     block = key_set * self.blocks_per_set + jax.lax.rem(jax.lax.div(r, self.q_tiles),
                                                         self.blocks_per_set)
-    return head, block * self.q_tiles + jax.lax.rem(r, self.q_tiles)
+    return heads, block * self.q_tiles + jax.lax.rem(r, self.q_tiles)
 
   def q_tile(self, b, hk, key_set, t, r):
     del t
-    head, tile = self._query(hk, key_set, r)
-    return b, head, tile, 0
+    heads, tile = self._query(hk, key_set, r)
+    return b, heads, tile, 0
 
   def q_rows(self, b, hk, key_set, t, r):
     del t
-    head, tile = self._query(hk, key_set, r)
-    return b, head, 0, tile
+    heads, tile = self._query(hk, key_set, r)
+    return b, heads, 0, tile
 
   def k_tile(self, b, hk, key_set, t, r):
     del r
@@ -266,15 +256,16 @@ def dkv_call(q, k, v, scale, bias, q_rows, k_rows, lse_rows, delta_rows, do, key
     key_tiles = plan.padded_k // tile
     key_spec = lambda d: (None, None, tile, d)
     rows_spec = (None, None, NUM_SUBLANES, tile)
-  groups = q_heads // kv_heads
-  maps = _KeyTileMaps(groups=groups, blocks_per_set=blocks_per_set, q_tiles=q_tiles,
+  heads = plan.heads_per_step_dkv
+  packs = q_heads // kv_heads // heads
+  maps = _KeyTileMaps(packs=packs, blocks_per_set=blocks_per_set, q_tiles=q_tiles,
                       keys_per_set=key_tiles, is_extra=is_extra)
-  num_steps = groups * blocks_per_set * q_tiles
-  q_rows_spec = pl.BlockSpec((None, None, NUM_SUBLANES, plan.q_tile_dkv), maps.q_rows)
+  num_steps = packs * blocks_per_set * q_tiles
+  q_rows_spec = pl.BlockSpec((None, heads, NUM_SUBLANES, plan.q_tile_dkv), maps.q_rows)
   in_specs = [smem_spec(), smem_spec(),
-              pl.BlockSpec((None, None, plan.q_tile_dkv, dk), maps.q_tile),
+              pl.BlockSpec((None, heads, plan.q_tile_dkv, dk), maps.q_tile),
               q_rows_spec, q_rows_spec, q_rows_spec,
-              pl.BlockSpec((None, None, plan.q_tile_dkv, dv), maps.q_tile),
+              pl.BlockSpec((None, heads, plan.q_tile_dkv, dv), maps.q_tile),
               pl.BlockSpec(key_spec(dk), maps.k_tile),
               pl.BlockSpec(key_spec(dv), maps.k_tile),
               pl.BlockSpec(rows_spec, maps.k_rows)]
@@ -285,14 +276,15 @@ def dkv_call(q, k, v, scale, bias, q_rows, k_rows, lse_rows, delta_rows, do, key
   kernel = functools.partial(_dkv_kernel, spec=spec, is_extra=is_extra,
                              blocks_per_set=blocks_per_set, q_tiles=q_tiles, num_steps=num_steps,
                              precision=common.precision_for(q.dtype))
+  grid = (batch, kv_heads, num_sets, key_tiles, num_steps)
   return pl.pallas_call(
       kernel,
-      grid=(batch, kv_heads, num_sets, key_tiles, num_steps),
+      grid=grid,
       in_specs=in_specs,
       out_specs=[pl.BlockSpec(key_spec(dk), maps.k_tile), pl.BlockSpec(key_spec(dv), maps.k_tile)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_shapes=[pltpu.VMEM((tile, dk), jnp.float32), pltpu.VMEM((tile, dv), jnp.float32)],
-      compiler_params=compiler_params(4, vmem_limit_bytes),
+      compiler_params=compiler_params(len(grid), vmem_limit_bytes),
       interpret=interpret,
       name="hyperattention_block_dkv_extra" if is_extra else "hyperattention_block_dkv",
   )(*args)

@@ -1,11 +1,12 @@
 """Forward Mosaic TPU kernel of the core primitive: ``o`` and ``lse`` per query tile.
 
-Grid ``(batch, kv_head, block, group member, q_tile, step)``; only ``step`` is
-sequential. Steps
-``0 .. k_tiles - 1`` walk the block's diagonal key tiles. A resident extra key set is
-folded in during the last diagonal step (one DMA per (batch, kv head) when the set is
-shared); a streamed one takes one more step per tile. The running max, sum and output
-accumulator stay in VMEM across the steps (online softmax).
+Grid ``(batch, kv_head, block, head_pack, q_tile, step)``; only ``step`` is sequential.
+A step holds the query tiles of ``heads_per_step`` query heads of one GQA group: they
+read the same keys, so each key tile is fetched once for all of them and the steps are
+fewer and larger. Steps ``0 .. k_tiles - 1`` walk the block's diagonal key tiles. A
+resident extra key set is folded in during the last diagonal step (one DMA per (batch,
+kv head) when the set is shared); a streamed one takes one more step per tile. Running
+max, sum and output accumulator stay in VMEM across the steps (online softmax).
 """
 
 import functools
@@ -18,6 +19,9 @@ from jax.experimental.pallas import tpu as pltpu
 from hyperattention_jax import core
 from hyperattention_jax.kernels.mosaic_tpu import common
 from hyperattention_jax.kernels.mosaic_tpu.tiling import NUM_LANES, NUM_SUBLANES, TilePlan
+
+# Grid axes of the forward and dq calls: (batch, kv_head, block, head_pack, q_tile, step).
+BATCH_AXIS, BLOCK_AXIS, STEP_AXIS = 0, 2, 5
 
 
 def _online_softmax_step(logits, v, m_ref, l_ref, acc_ref, precision):
@@ -38,16 +42,40 @@ def _online_softmax_step(logits, v, m_ref, l_ref, acc_ref, precision):
                   + common.matmul(p.astype(v.dtype), v, common.NN_DIMS, precision))
 
 
+def for_each_key_tile(step, plan: TilePlan, attend_diagonal, attend_extra, extra_refs):
+  """Runs the step's key tiles: a diagonal one, then (resident or streamed) extra keys.
+
+  ``attend_diagonal()`` handles the current diagonal tile; ``attend_extra(k, v, pos,
+  block)`` a chunk of extra keys given as values. ``extra_refs`` are the refs of the
+  extra keys, values, positions and blocks (unused without extra keys).
+  """
+  pl.when(step < plan.k_tiles)(attend_diagonal)
+  if not plan.has_extra:
+    return
+  extra_k_ref, extra_v_ref, extra_pos_ref, extra_block_ref = extra_refs
+
+  def chunk(start: int):
+    rows = pl.ds(start, plan.extra_chunk)
+    attend_extra(extra_k_ref[rows, :], extra_v_ref[rows, :], extra_pos_ref[:1, rows],
+                 extra_block_ref[:1, rows])
+
+  if plan.extra_resident:
+    @pl.when(step == plan.k_tiles - 1)
+    def _resident():
+      for start in range(0, plan.extra_padded, plan.extra_chunk):
+        chunk(start)
+  else:
+    pl.when(step >= plan.k_tiles)(lambda: chunk(0))
+
+
 def _forward_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, k_ref, v_ref, k_pos_ref, *refs,
                     spec: core.BlockSpec, plan: TilePlan, precision):
-  if plan.has_extra:
-    (extra_k_ref, extra_v_ref, extra_pos_ref, extra_block_ref,
-     o_ref, lse_ref, m_ref, l_ref, acc_ref) = refs
-  else:
-    o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
+  extra_refs, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = (
+      (refs[:4], refs[4:]) if plan.has_extra else ((), refs))
   batch, block = pl.program_id(BATCH_AXIS), pl.program_id(BLOCK_AXIS)
   step = pl.program_id(STEP_AXIS)
-  last_step = plan.k_tiles + plan.extra_steps - 1
+  heads = q_ref.shape[0]
+  scale = scale_ref[0]
 
   @pl.when(step == 0)
   def _init():
@@ -55,62 +83,43 @@ def _forward_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, k_ref, v_ref, k_pos_r
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  q = q_ref[...]
-  q_pos_rows = q_pos_ref[...]
-  q_pos, q_pos_row = common.column(q_pos_rows), common.row(q_pos_rows)
-  scale = scale_ref[0]
+  def attend(k, v, k_pos, rule, mask_more=None, bias=None):
+    """Every head of the step against one key tile (shared by the heads)."""
+    for head in range(heads):
+      q_pos_rows = q_pos_ref[head]
 
-  @pl.when(step < plan.k_tiles)
-  def _diagonal():
-    k_pos = common.row(k_pos_ref)
+      @pl.when(common.may_count(common.row(q_pos_rows), k_pos, spec.causal))
+      def _():
+        logits = scale * common.matmul(q_ref[head], k, common.NT_DIMS, precision)
+        if bias is not None:
+          logits += bias
+        keep = common.tile_mask(common.column(q_pos_rows), k_pos, rule, spec, logits.shape)
+        if mask_more is not None:
+          keep &= mask_more(logits.shape)
+        _online_softmax_step(jnp.where(keep, logits, -jnp.inf), v, m_ref.at[head],
+                             l_ref.at[head], acc_ref.at[head], precision)
 
-    @pl.when(common.may_count(q_pos_row, k_pos, spec.causal))
-    def _():
-      logits = scale * common.matmul(q, k_ref[...], common.NT_DIMS, precision)
-      keep = common.tile_mask(q_pos, k_pos, spec.diagonal_keys, spec, logits.shape)
-      _online_softmax_step(jnp.where(keep, logits, -jnp.inf), v_ref[...], m_ref, l_ref,
-                           acc_ref, precision)
+  def attend_diagonal():
+    attend(k_ref[...], v_ref[...], common.row(k_pos_ref), spec.diagonal_keys)
 
-  def extra_chunk(start: int):
-    chunk = pl.ds(start, plan.extra_chunk)
-    extra_pos = extra_pos_ref[:1, chunk]
+  def attend_extra(k, v, extra_pos, extra_block):
+    # Extra keys of the query's own block were already counted as diagonal keys.
+    attend(k, v, extra_pos, spec.extra_keys, bias=bias_ref[batch],
+           mask_more=lambda shape: jnp.broadcast_to(extra_block, shape) != block)
 
-    @pl.when(common.may_count(q_pos_row, extra_pos, spec.causal))
-    def _():
-      logits = (scale * common.matmul(q, extra_k_ref[chunk, :], common.NT_DIMS, precision)
-                + bias_ref[batch])
-      keep = common.tile_mask(q_pos, extra_pos, spec.extra_keys, spec, logits.shape)
-      # Extra keys of the query's own block were already counted as diagonal keys.
-      keep &= jnp.broadcast_to(extra_block_ref[:1, chunk], logits.shape) != block
-      _online_softmax_step(jnp.where(keep, logits, -jnp.inf), extra_v_ref[chunk, :], m_ref,
-                           l_ref, acc_ref, precision)
+  for_each_key_tile(step, plan, attend_diagonal, attend_extra, extra_refs)
 
-  if plan.has_extra and plan.extra_resident:
-    @pl.when(step == plan.k_tiles - 1)
-    def _resident_extras():
-      for start in range(0, plan.extra_padded, plan.extra_chunk):
-        extra_chunk(start)
-  elif plan.has_extra:
-    @pl.when(step >= plan.k_tiles)
-    def _streamed_extras():
-      extra_chunk(0)
-
-  @pl.when(step == last_step)
+  @pl.when(step == plan.k_tiles + plan.extra_steps - 1)
   def _finish():
-    total = l_ref[...]
-    nonempty = total > 0
-    safe_total = jnp.where(nonempty, total, 1.0)
-    o_ref[...] = (acc_ref[...] * common.lanes(1.0 / safe_total, o_ref.shape[1])).astype(
-        o_ref.dtype)
-    lse = jnp.where(nonempty, m_ref[...] + jnp.log(safe_total), -jnp.inf)  # [tq, 128]
-    # Transposed, the query rows lie along lanes: a dense (8, tq) block of the lse rows.
-    lse_ref[...] = lse.T[:NUM_SUBLANES]
-
-
-# Grid axes of the forward and dq calls: (batch, kv_head, block, member, q_tile, step).
-# The query heads of a GQA group (``member``) sit inside the block axis, so a block
-# whose keys fit one tile has them fetched once per group, not once per query head.
-BATCH_AXIS, BLOCK_AXIS, STEP_AXIS = 0, 2, 5
+    for head in range(heads):
+      total = l_ref[head]
+      nonempty = total > 0
+      safe_total = jnp.where(nonempty, total, 1.0)
+      o_ref[head] = (acc_ref[head] * common.lanes(1.0 / safe_total, o_ref.shape[-1])).astype(
+          o_ref.dtype)
+      lse = jnp.where(nonempty, m_ref[head] + jnp.log(safe_total), -jnp.inf)  # [tq, 128]
+      # Transposed, the query rows lie along lanes: a dense (8, tq) block of lse rows.
+      lse_ref[head] = lse.T[:NUM_SUBLANES]
 
 
 class QueryTileMaps:
@@ -118,57 +127,70 @@ class QueryTileMaps:
 
   def __init__(self, plan: TilePlan, groups: int):
     self.plan = plan
-    self.groups = groups
+    self.packs = groups // plan.heads_per_step
+
+  def _heads(self, hk, pack):
+    """Index of the step's head pack along the query-head axis (in packs)."""
+    return hk * self.packs + pack
 
   def _q_tile_index(self, block, i):
     return block * self.plan.q_tiles + i
 
-  def q_tile(self, b, hk, block, member, i, step):
+  def q_tile(self, b, hk, block, pack, i, step):
     del step
-    return b, hk * self.groups + member, self._q_tile_index(block, i), 0
+    return b, self._heads(hk, pack), self._q_tile_index(block, i), 0
 
-  def q_rows(self, b, hk, block, member, i, step):
+  def q_rows(self, b, hk, block, pack, i, step):
     del step
-    return b, hk * self.groups + member, 0, self._q_tile_index(block, i)
+    return b, self._heads(hk, pack), 0, self._q_tile_index(block, i)
 
-  def q_stats(self, b, hk, block, member, i, step):
+  def q_stats(self, b, hk, block, pack, i, step):
     del step
-    return b, hk * self.groups + member, self._q_tile_index(block, i), 0, 0
+    return b, self._heads(hk, pack), self._q_tile_index(block, i), 0, 0
 
   def _diagonal_tile(self, block, step):
     # During the extra steps the last diagonal tile stays put, so nothing is refetched.
     return block * self.plan.k_tiles + jnp.minimum(step, self.plan.k_tiles - 1)
 
-  def k_tile(self, b, hk, block, member, i, step):
-    del member, i
+  def k_tile(self, b, hk, block, pack, i, step):
+    del pack, i
     return b, hk, self._diagonal_tile(block, step), 0
 
-  def k_rows(self, b, hk, block, member, i, step):
-    del member, i
+  def k_rows(self, b, hk, block, pack, i, step):
+    del pack, i
     return b, hk, 0, self._diagonal_tile(block, step)
 
   def _extra_index(self, block, step):
     extra_set = block if self.plan.num_extra_sets > 1 else 0
     if self.plan.extra_resident:
-      # Constant over blocks (shared set), heads of the group, query tiles and steps:
-      # fetched once per (batch, kv head), as the pipeline skips unchanged blocks.
+      # Constant over blocks (shared set), head packs, query tiles and steps: fetched
+      # once per (batch, kv head), as the pipeline skips copies of unchanged blocks.
       return extra_set, 0
     return extra_set, jnp.maximum(step - self.plan.k_tiles, 0)
 
-  def extra_tile(self, b, hk, block, member, i, step):
-    del member, i
+  def extra_tile(self, b, hk, block, pack, i, step):
+    del pack, i
     extra_set, tile = self._extra_index(block, step)
     return b, hk, extra_set, tile, 0
 
-  def extra_rows(self, b, hk, block, member, i, step):
-    del member, i
+  def extra_rows(self, b, hk, block, pack, i, step):
+    del pack, i
     extra_set, tile = self._extra_index(block, step)
     return b, hk, extra_set, 0, tile
 
   def grid(self, batch: int, kv_heads: int):
     plan = self.plan
-    return (batch, kv_heads, plan.num_blocks, self.groups, plan.q_tiles,
+    return (batch, kv_heads, plan.num_blocks, self.packs, plan.q_tiles,
             plan.k_tiles + plan.extra_steps)
+
+  def query_spec(self, width: int):
+    """A ``[B, Hq, nq, width]`` operand (q, dO, o, dq) by query tile."""
+    return pl.BlockSpec((None, self.plan.heads_per_step, self.plan.q_tile, width), self.q_tile)
+
+  def query_rows_spec(self):
+    """A ``[B, Hq, 8, nq]`` rows operand (positions, lse, delta) by query tile."""
+    return pl.BlockSpec((None, self.plan.heads_per_step, NUM_SUBLANES, self.plan.q_tile),
+                        self.q_rows)
 
   def key_specs(self, dk: int, dv: int):
     """Specs of ``k, v, k_rows`` and, with extra keys, ``extra_k, extra_v`` and their rows."""
@@ -184,10 +206,10 @@ class QueryTileMaps:
     return specs
 
 
-def compiler_params(num_parallel: int, vmem_limit_bytes):
+def compiler_params(num_axes: int, vmem_limit_bytes):
   """Every grid axis but the last is independent; the last carries the accumulators."""
   return pltpu.CompilerParams(
-      dimension_semantics=(pltpu.PARALLEL,) * num_parallel + (pltpu.ARBITRARY,),
+      dimension_semantics=(pltpu.PARALLEL,) * (num_axes - 1) + (pltpu.ARBITRARY,),
       vmem_limit_bytes=vmem_limit_bytes)
 
 
@@ -216,27 +238,26 @@ def forward(q, k, v, extra_k, extra_v, scale, bias, q_rows, k_rows, extra_rows,
   batch, q_heads, q_len, dk = q.shape
   kv_heads, dv = k.shape[1], v.shape[-1]
   maps = QueryTileMaps(plan, q_heads // kv_heads)
-  in_specs = [smem_spec(), smem_spec(),
-              pl.BlockSpec((None, None, plan.q_tile, dk), maps.q_tile),
-              pl.BlockSpec((None, None, NUM_SUBLANES, plan.q_tile), maps.q_rows),
+  in_specs = [smem_spec(), smem_spec(), maps.query_spec(dk), maps.query_rows_spec(),
               *maps.key_specs(dk, dv)]
   args = [scale, bias, q, q_rows, k, v, k_rows]
   if plan.has_extra:
     args += [extra_k, extra_v, extra_rows, extra_block_rows]
+  state = (plan.heads_per_step, plan.q_tile)
   kernel = functools.partial(_forward_kernel, spec=spec, plan=plan,
                              precision=common.precision_for(q.dtype))
+  grid = maps.grid(batch, kv_heads)
   return pl.pallas_call(
       kernel,
-      grid=maps.grid(batch, kv_heads),
+      grid=grid,
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, None, plan.q_tile, dv), maps.q_tile),
-                 pl.BlockSpec((None, None, NUM_SUBLANES, plan.q_tile), maps.q_rows)],
+      out_specs=[maps.query_spec(dv), maps.query_rows_spec()],
       out_shape=[jax.ShapeDtypeStruct((batch, q_heads, q_len, dv), q.dtype),
                  jax.ShapeDtypeStruct((batch, q_heads, NUM_SUBLANES, q_len), jnp.float32)],
-      scratch_shapes=[pltpu.VMEM((plan.q_tile, NUM_LANES), jnp.float32),
-                      pltpu.VMEM((plan.q_tile, NUM_LANES), jnp.float32),
-                      pltpu.VMEM((plan.q_tile, dv), jnp.float32)],
-      compiler_params=compiler_params(5, vmem_limit_bytes),
+      scratch_shapes=[pltpu.VMEM(state + (NUM_LANES,), jnp.float32),
+                      pltpu.VMEM(state + (NUM_LANES,), jnp.float32),
+                      pltpu.VMEM(state + (dv,), jnp.float32)],
+      compiler_params=compiler_params(len(grid), vmem_limit_bytes),
       interpret=interpret,
       name="hyperattention_block_fwd",
   )(*args)

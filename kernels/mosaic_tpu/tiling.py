@@ -43,6 +43,9 @@ class BlockSizes:
       to VMEM whole; its block index then depends on the (batch, head) only (and on the
       block when each block has its own set), so the pipeline fetches it once per
       (batch, kv head) instead of once per query tile. Larger sets stream in tiles.
+    rows_per_step: query rows one grid step may hold over the query heads of a GQA
+      group: the heads that read the same keys share each key tile, which makes the
+      steps fewer and larger (the per-step cost is fixed).
     vmem_limit_bytes: scoped VMEM limit passed to Mosaic; None keeps the default.
   """
 
@@ -52,6 +55,7 @@ class BlockSizes:
   block_k_dkv: int = 512
   block_extra: int = 512
   resident_extra_bytes: int = 4 * _MIB
+  rows_per_step: int = 2048
   vmem_limit_bytes: int | None = None
 
   def __post_init__(self):
@@ -61,6 +65,7 @@ class BlockSizes:
       if value % NUM_LANES:
         raise ValueError(f"{name}={value} must be a multiple of {NUM_LANES}.")
     check_int("resident_extra_bytes", self.resident_extra_bytes, 0)
+    check_int("rows_per_step", self.rows_per_step, 1)
     if self.vmem_limit_bytes is not None:
       check_int("vmem_limit_bytes", self.vmem_limit_bytes, 1)
 
@@ -74,7 +79,7 @@ _CHIP_BLOCK_SIZES = {
     "v5e": BlockSizes(vmem_limit_bytes=32 * _MIB),
     "v5p": BlockSizes(vmem_limit_bytes=32 * _MIB),
     "v6e": BlockSizes(block_q=1024, block_k=512, block_q_dkv=1024, block_k_dkv=512,
-                      block_extra=512, resident_extra_bytes=8 * _MIB,
+                      block_extra=512, resident_extra_bytes=8 * _MIB, rows_per_step=4096,
                       vmem_limit_bytes=64 * _MIB),
 }
 
@@ -120,6 +125,8 @@ class TilePlan(NamedTuple):
     q_tile, q_tiles: query tiling of the forward and dq kernels.
     k_tile, k_tiles: diagonal key tiling of the forward and dq kernels.
     q_tile_dkv, k_tile_dkv: tiles of the dk/dv kernels (they divide the padded blocks).
+    heads_per_step, heads_per_step_dkv: query heads of a GQA group handled together in
+      one step of the forward and dq kernels, and of the dk/dv kernels.
     num_extra: extra keys per set (unpadded), 0 when there are none.
     num_extra_sets: 1 (shared) or ``num_blocks``.
     extra_padded: extra keys per set after padding.
@@ -136,6 +143,8 @@ class TilePlan(NamedTuple):
   k_tiles: int
   q_tile_dkv: int
   k_tile_dkv: int
+  heads_per_step: int
+  heads_per_step_dkv: int
   num_extra: int
   num_extra_sets: int
   extra_padded: int
@@ -170,10 +179,16 @@ class TilePlan(NamedTuple):
     return self.extra_padded // self.extra_chunk
 
 
-def plan_tiles(*, num_blocks: int, block_q: int, block_k: int, num_extra: int,
+def _heads_per_step(groups: int, tile: int, rows_per_step: int) -> int:
+  """The largest divisor of ``groups`` whose tiles stay within ``rows_per_step`` rows (>= 1)."""
+  return max(h for h in range(1, groups + 1) if groups % h == 0 and
+             (h == 1 or h * tile <= rows_per_step))
+
+
+def plan_tiles(*, num_blocks: int, block_q: int, block_k: int, groups: int, num_extra: int,
                num_extra_sets: int, head_dims: tuple[int, int], itemsize: int,
                block_sizes: BlockSizes) -> TilePlan:
-  """Chooses the tiles of one call (see ``TilePlan``)."""
+  """Chooses the tiles of one call (see ``TilePlan``); ``groups`` query heads per key head."""
   q_tile, q_tiles = _even_tiles(block_q, block_sizes.block_q)
   k_tile, k_tiles = _even_tiles(block_k, block_sizes.block_k)
   q_tile_dkv = _largest_divisor_tile(q_tile * q_tiles, block_sizes.block_q_dkv)
@@ -183,6 +198,10 @@ def plan_tiles(*, num_blocks: int, block_q: int, block_k: int, num_extra: int,
   set_bytes = extra_padded * sum(head_dims) * itemsize
   return TilePlan(num_blocks=num_blocks, block_q=block_q, block_k=block_k, q_tile=q_tile,
                   q_tiles=q_tiles, k_tile=k_tile, k_tiles=k_tiles, q_tile_dkv=q_tile_dkv,
-                  k_tile_dkv=k_tile_dkv, num_extra=num_extra, num_extra_sets=num_extra_sets,
+                  k_tile_dkv=k_tile_dkv,
+                  heads_per_step=_heads_per_step(groups, q_tile, block_sizes.rows_per_step),
+                  heads_per_step_dkv=_heads_per_step(groups, q_tile_dkv,
+                                                     block_sizes.rows_per_step),
+                  num_extra=num_extra, num_extra_sets=num_extra_sets,
                   extra_padded=extra_padded, extra_chunk=extra_chunk,
                   extra_resident=set_bytes <= block_sizes.resident_extra_bytes)
