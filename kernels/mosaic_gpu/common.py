@@ -1,0 +1,208 @@
+"""Pieces shared by the Mosaic GPU kernels: tile sizes, smem transforms, masks, matmul helpers."""
+
+import dataclasses
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from hyperattention_jax import core
+from hyperattention_jax.kernels.mosaic_gpu.layout import ROWS_PER_WG, unsupported
+
+# A finite "minus infinity" for running maxima: a row that has seen no counted key keeps it,
+# so exp2(old_max - new_max) stays finite (1) instead of exp2(-inf + inf) = nan.
+NEG_BIG = -1e30
+
+WGMMA = plgpu.Layout.WGMMA
+ROW = plgpu.Layout.WGMMA.reduce(1)   # one value per row of a [64, n] wgmma tile
+COL = plgpu.Layout.WGMMA.reduce(0)   # one value per column
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Tile sizes of the kernels.
+
+  Attributes:
+    key_tile: keys per pipeline step of the forward and dq kernels.
+    query_tile: query rows per pipeline step of the dk/dv kernel.
+    num_stages: pipeline depth (buffers per streamed operand).
+    compute_wgs: compute warpgroups per CTA (each owns ``ROWS_PER_WG`` rows or keys).
+  """
+
+  key_tile: int
+  query_tile: int = 64
+  num_stages: int = 2
+  compute_wgs: int = 2
+
+  def __post_init__(self):
+    for name in ("key_tile", "query_tile"):
+      value = getattr(self, name)
+      if value % 64 or value <= 0:
+        raise ValueError(f"{name}={value} must be a positive multiple of 64.")
+    if self.num_stages < 2:
+      raise ValueError(f"num_stages={self.num_stages} must be at least 2.")
+    if self.compute_wgs not in (1, 2):
+      raise ValueError(f"compute_wgs={self.compute_wgs} must be 1 or 2.")
+
+  @property
+  def rows_per_cta(self) -> int:
+    return self.compute_wgs * ROWS_PER_WG
+
+
+def forward_tiles(dk: int, dv: int) -> Tiles:
+  """Tiles of the forward kernel: 128-key steps, 64-key steps for 256-wide heads (smem)."""
+  return Tiles(key_tile=64 if max(dk, dv) > 128 else 128)
+
+
+def dq_tiles(dk: int, dv: int) -> Tiles:
+  return Tiles(key_tile=64, compute_wgs=1 if max(dk, dv) > 128 else 2)
+
+
+def dkv_tiles(dk: int, dv: int) -> Tiles:
+  return Tiles(key_tile=64, query_tile=64, compute_wgs=1 if max(dk, dv) > 128 else 2)
+
+
+def smem_transforms(dtype):
+  """Tiling and 128-byte swizzle of a [rows, 64k] 16-bit operand, as wgmma reads it."""
+  swizzle = 128
+  elems = swizzle // jnp.dtype(dtype).itemsize
+  return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
+
+
+def row_vec(x, shape):
+  return lax.broadcast_in_dim(x, shape, [0])
+
+
+def col_vec(x, shape):
+  return lax.broadcast_in_dim(x, shape, [1])
+
+
+def query_key_mask(row_pos, col_pos, rule: str, spec: core.BlockSpec):
+  """``core.key_mask`` on a tile: row (query) and column (key) positions broadcast."""
+  return core.key_mask(row_pos, col_pos, rule, spec)
+
+
+def _is_ref(x) -> bool:
+  return hasattr(x, "transforms") or hasattr(getattr(x, "aval", None), "inner_aval")
+
+
+def _operand(x, transpose: bool):
+  return x.transpose((1, 0)) if transpose else x
+
+
+def matmul(a, b, shape, *, interpret, transpose_b=False, before_wait=None):
+  """``a @ b`` (``b.T`` with ``transpose_b``) into a fresh float32 accumulator of ``shape``.
+
+  ``a`` is a shared-memory ref or a 16-bit value in registers, ``b`` a shared-memory ref.
+  ``before_wait`` runs between issuing the product and waiting for it. The CPU
+  interpreter's wgmma takes shared-memory operands only, so there the product is an
+  ordinary dot of the loaded values (same inputs, float32 accumulation).
+  """
+  if interpret:
+    if before_wait is not None:
+      before_wait()
+    a_val = a[...] if _is_ref(a) else a
+    b_val = _operand(b[...], transpose_b)
+    return lax.dot(a_val, b_val, preferred_element_type=jnp.float32)
+
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, _operand(b, transpose_b))
+    if before_wait is not None:
+      before_wait()
+    return acc_ref[...]
+
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def matmul_acc(acc, a, b, *, interpret, transpose_b=False):
+  """``acc + a @ b`` for a float32 accumulator value (accumulated in place on the GPU)."""
+  if interpret:
+    return acc + matmul(a, b, acc.shape, interpret=True, transpose_b=transpose_b)
+  return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, _operand(b, transpose_b)))(
+      plgpu.ACC.init(acc))
+
+
+def check_smem(total_bytes: int, what: str):
+  # Hopper gives a CTA at most 227 KiB of shared memory.
+  if total_bytes > 227 * 1024:
+    raise unsupported(f"{what} needs {total_bytes} bytes of shared memory.")
+
+
+def zeros(shape, layout=WGMMA):
+  return plgpu.layout_cast(jnp.full(shape, 0, jnp.float32), layout)
+
+
+def full(shape, value, layout):
+  return plgpu.layout_cast(jnp.full(shape, value, jnp.float32), layout)
+
+
+def compiler_params(interpret):
+  del interpret
+  return plgpu.CompilerParams(approx_math=True)
+
+
+def axis(name):
+  return lax.axis_index(name)
+
+
+def stream_keys(key_refs, extra_refs, buffers, ready, free, *, batch, kv_head, first_key,
+                extra_set, num_diagonal, num_steps, key_tile: int, stages: int):
+  """The memory warpgroup of a key-streaming kernel (forward, dq).
+
+  Step ``i < num_diagonal`` brings diagonal key tile ``i`` (k, v and meta rows from
+  ``key_refs`` starting at key ``first_key``); later steps bring extra key tiles of set
+  ``extra_set``. k and its meta arrive on ``ready[0]``, v on ``ready[1]``; a slot is
+  reused once its ``free`` barriers (k, v) say every compute warpgroup is done with it.
+
+  Args:
+    key_refs: ``(k [B, Hk, Nk, dk], v [B, Hk, Nk, dv], meta [B, Hk, R, Nk])`` in GMEM.
+    extra_refs: ``(k [B, Hk, E, M, dk], v [B, Hk, E, M, dv], meta [B, Hk, E, R, M])``, or
+      None when there are no extra keys.
+    buffers: shared-memory rings ``k [S, tk, dk]``, ``v [S, tk, dv]``, ``meta [S, R, tk]``.
+    ready, free: ``(k, v)`` barrier arrays of ``stages`` barriers each.
+  """
+  k_smem, v_smem, meta_smem = buffers
+
+  def fetch(step, slot, which):
+    @pl.when(step < num_diagonal)
+    def _diagonal():
+      keys = pl.ds(first_key + step * key_tile, key_tile)
+      plgpu.copy_gmem_to_smem(key_refs[which].at[batch, kv_head, keys],
+                              (k_smem, v_smem)[which].at[slot], ready[which].at[slot])
+      if which == 0:
+        plgpu.copy_gmem_to_smem(key_refs[2].at[batch, kv_head, :, keys], meta_smem.at[slot],
+                                ready[0].at[slot])
+
+    if extra_refs is None:
+      return
+
+    @pl.when(step >= num_diagonal)
+    def _extra():
+      keys = pl.ds((step - num_diagonal) * key_tile, key_tile)
+      plgpu.copy_gmem_to_smem(extra_refs[which].at[batch, kv_head, extra_set, keys],
+                              (k_smem, v_smem)[which].at[slot], ready[which].at[slot])
+      if which == 0:
+        plgpu.copy_gmem_to_smem(extra_refs[2].at[batch, kv_head, extra_set, :, keys],
+                                meta_smem.at[slot], ready[0].at[slot])
+
+  for step in range(stages):
+    @pl.when(step < num_steps)
+    def _prologue():
+      fetch(step, step, 0)
+      fetch(step, step, 1)
+
+  @pl.loop(0, jnp.maximum(num_steps - stages, 0))
+  def _steady(step):
+    slot = lax.rem(step, stages)
+    for which in (0, 1):
+      plgpu.barrier_wait(free[which].at[slot])
+      fetch(step + stages, slot, which)
+
+  # Observe the last releases too: a barrier's waiter must see each of its phases.
+  @pl.loop(jnp.maximum(num_steps - stages, 0), num_steps)
+  def _drain(step):
+    slot = lax.rem(step, stages)
+    for which in (0, 1):
+      plgpu.barrier_wait(free[which].at[slot])
