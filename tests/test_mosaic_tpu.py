@@ -26,9 +26,8 @@ from hyperattention_jax.kernels import REGISTRY
 from hyperattention_jax.kernels import mosaic_tpu
 from hyperattention_jax.kernels.mosaic_tpu import BlockSizes
 from hyperattention_jax.kernels.mosaic_tpu import tiling
-
-# Interpret-mode programs are large and run once: skip XLA's slow CPU optimisations.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+from hyperattention_jax.kernels.mosaic_tpu.selfcheck import (DIFFERENTIABLE, forward_and_vjp,
+                                                              random_inputs)
 
 # Small tiles so that a block spans several of them, a streamed extra set, and one query
 # head per step (the heads of a group otherwise share a step).
@@ -68,63 +67,6 @@ def _seed(name: str) -> int:
   return zlib.crc32(name.encode())
 
 
-def random_inputs(seed, *, batch, q_heads, kv_heads, num_blocks, block_q, block_k, dk, dv,
-                  num_extra, per_block, dtype, causal=False):
-  """Random arguments of the core primitive (none zero), as the callers build them.
-
-  Non-causal calls get shuffled positions (LSH-sorted rows); causal leaves get rows in
-  order with the last query rows and keys padded, as the causal recursion pads them.
-  """
-  rng = np.random.default_rng(seed)
-  nq, nk = num_blocks * block_q, num_blocks * block_k
-  if causal:
-    q_pos = np.broadcast_to(np.arange(nq), (batch, q_heads, nq)).copy()
-    k_pos = np.broadcast_to(np.arange(nk), (batch, kv_heads, nk)).copy()
-    q_pos[..., nq - 5:] = -1
-    k_pos[..., nk - 7:] = -1
-  else:
-    q_pos = np.stack([[rng.permutation(nq) for _ in range(q_heads)] for _ in range(batch)])
-    k_pos = np.stack([[rng.permutation(nk) for _ in range(kv_heads)] for _ in range(batch)])
-    k_pos = np.where(rng.random(k_pos.shape) < 0.15, -1, k_pos)
-  sets = num_blocks if per_block else 1
-  extra_pos = rng.integers(-1, nk, size=(batch, kv_heads, sets, num_extra))
-  if per_block:  # sinks and window overhang: never in the query's own block
-    extra_block = np.full(extra_pos.shape, -1)
-  else:
-    extra_block = rng.integers(0, num_blocks, size=extra_pos.shape)
-  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
-  return dict(
-      q=normal(batch, q_heads, nq, dk), k=normal(batch, kv_heads, nk, dk),
-      v=normal(batch, kv_heads, nk, dv), q_pos=jnp.asarray(q_pos, jnp.int32),
-      k_pos=jnp.asarray(k_pos, jnp.int32), extra_k=normal(batch, kv_heads, sets, num_extra, dk),
-      extra_v=normal(batch, kv_heads, sets, num_extra, dv),
-      extra_pos=jnp.asarray(extra_pos, jnp.int32),
-      extra_block=jnp.asarray(extra_block, jnp.int32),
-      extra_bias=jnp.asarray(rng.normal(size=(batch,)) + 1.0, jnp.float32))
-
-
-_DIFFERENTIABLE = ("q", "k", "v", "extra_k", "extra_v", "extra_bias")
-
-
-def forward_and_vjp(block_attention, inputs, spec, scale, seed):
-  """(o, lse) and the gradients of every float input, under random cotangents."""
-  fixed = {name: x for name, x in inputs.items() if name not in _DIFFERENTIABLE}
-
-  def attention(diff, scale):
-    return block_attention(**diff, **fixed, spec=spec, scale=scale)
-
-  def run(diff, scale):
-    (out, lse), vjp = jax.vjp(attention, diff, scale)
-    rng = np.random.default_rng(seed + 1)
-    d_out = jnp.asarray(rng.normal(size=out.shape), out.dtype)
-    d_lse = jnp.asarray(rng.normal(size=lse.shape), jnp.float32)
-    return (out, lse), vjp((d_out, d_lse))
-
-  diff = {name: inputs[name] for name in _DIFFERENTIABLE}
-  scale = jnp.float32(scale)
-  return jax.jit(run).lower(diff, scale).compile(_FAST_COMPILE)(diff, scale)
-
-
 class MosaicTpuKernelTest(parameterized.TestCase):
 
   @parameterized.named_parameters(*_CASES)
@@ -147,7 +89,7 @@ class MosaicTpuKernelTest(parameterized.TestCase):
     chex.assert_trees_all_close(out, ref_out, atol=tol, rtol=tol)
     chex.assert_trees_all_close(lse, ref_lse, atol=tol, rtol=tol)
     chex.assert_tree_all_finite(grads)
-    for name in _DIFFERENTIABLE:
+    for name in DIFFERENTIABLE:
       with self.subTest(name):
         # Gradients are sums over many products: compare relative to their scale.
         ref = np.asarray(ref_grads[name], np.float32)
@@ -160,7 +102,7 @@ class MosaicTpuKernelTest(parameterized.TestCase):
 
 def _export_for_tpu(inputs, spec, block_sizes=None):
   """StableHLO text of forward + VJP, exported for a TPU target."""
-  fixed = {name: x for name, x in inputs.items() if name not in _DIFFERENTIABLE}
+  fixed = {name: x for name, x in inputs.items() if name not in DIFFERENTIABLE}
 
   def loss(diff, scale):
     out, lse = mosaic_tpu.block_attention(**diff, **fixed, spec=spec, scale=scale,
@@ -168,7 +110,7 @@ def _export_for_tpu(inputs, spec, block_sizes=None):
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
   diff = {name: jax.ShapeDtypeStruct(inputs[name].shape, inputs[name].dtype)
-          for name in _DIFFERENTIABLE}
+          for name in DIFFERENTIABLE}
   scale = jax.ShapeDtypeStruct((), jnp.float32)
   with jax.enable_checks(True):
     exported = jax.export.export(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))),
