@@ -29,3 +29,7 @@ REGISTRY: dict[str, KernelBackend] = {}
 from hyperattention_jax.kernels import mosaic_tpu as _mosaic_tpu  # pylint: disable=wrong-import-position
 
 REGISTRY["mosaic_tpu"] = _mosaic_tpu.BACKEND
+
+from hyperattention_jax.kernels import mosaic_gpu as _mosaic_gpu  # pylint: disable=wrong-import-position
+
+REGISTRY["mosaic_gpu"] = _mosaic_gpu.BACKEND

@@ -353,7 +353,8 @@ def dkv(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, chunks
           args = (col_vec(q_pos, shape), row_vec(k_pos, shape))
           keep = common.query_key_mask(*args, spec.diagonal_keys, spec)
           if extra_ctas and spec.extra_keys != spec.diagonal_keys:
-            keep = jnp.where(is_extra, common.query_key_mask(*args, spec.extra_keys, spec), keep)
+            keep = jnp.where(lax.broadcast(is_extra, shape),
+                             common.query_key_mask(*args, spec.extra_keys, spec), keep)
           s = jnp.where(keep, s, -jnp.inf)
         p = jnp.exp2(s - col_vec(lse2, shape))
         plgpu.barrier_wait(do_bar.at[slot])
