@@ -11,23 +11,26 @@ Data: the six Jane Austen novels (``austen.py``, from the Debian package
 ``r-cran-janeaustenr``), with one novel (``--validation_novel``) held out; or any UTF-8
 text with ``--text_file``, whose last 10% is held out.
 
-On the CPU, tiny settings (about a minute on 2 cores)::
+On the CPU, tiny settings (under two minutes of CPU time; the test runs tinier ones)::
 
   python3 examples/train_lm.py --seq_len=512 --min_seq_len=256 --block_size=64 \\
       --sample_size=64 --num_layers=2 --model_dim=64 --num_heads=4 --mlp_dim=256 \\
-      --batch_size=4 --steps=60 --warmup_steps=10 --learning_rate=3e-3 --eval_every=20 \\
+      --batch_size=4 --steps=40 --warmup_steps=5 --learning_rate=3e-3 --eval_every=10 \\
       --eval_batches=2 --output_dir=/tmp/train_lm
 
 On a GPU or TPU, the defaults are the real settings (16k bytes of context; the
-HyperAttention layers then split the causal attention into exact leaves of 4096 and
-two levels of LSH-sorted blocks with sampled columns)::
+HyperAttention layers then split the causal attention into exact leaves of 4096 and two
+levels of LSH-sorted blocks with sampled columns)::
 
   python3 examples/train_lm.py --output_dir=/tmp/train_lm --dtype=bfloat16
 
-Measured:
+Measured (validation perplexity per byte on "Persuasion", HyperAttention / exact):
 
-* CPU, tiny settings above (2 cores shared with other work, jax 0.11.2; see the commit
-  that adds this note): see ``examples/README.md``.
+* CPU, the tiny settings above, Austen novels, jax 0.11.2, 2026-11-30, commit 030e682:
+  step 0: 256.0 / 256.0; step 10: 46.35 / 45.83; step 20: 23.66 / 23.62; step 30:
+  22.39 / 22.39; step 40: 22.21 / 22.22 (ratio 0.999). The run took 95.6 s of user CPU
+  time (253 s of wall-clock time on a 2-core machine shared with other jobs, load
+  average about 10); median step 0.85 s (HyperAttention) and 1.09 s (exact), at that load.
 * GPU, real settings: not yet run.
 """
 
