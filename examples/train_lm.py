@@ -7,9 +7,9 @@ HyperAttention``, and its exact-attention twin (Flax's ``nnx.MultiHeadAttention`
 (per byte) of both is evaluated periodically, printed, written to ``metrics.json`` and
 plotted in ``train_lm.png`` under ``--output_dir``.
 
-Data: the six Jane Austen novels (``austen.py``, from the Debian package
-``r-cran-janeaustenr``), with one novel (``--validation_novel``) held out; or any UTF-8
-text with ``--text_file``, whose last 10% is held out.
+Data: the six Jane Austen novels (from the Debian package ``r-cran-janeaustenr``, found or
+fetched and cached by ``austen_fetch.py``), with one novel (``--validation_novel``) held
+out; or any UTF-8 text with ``--text_file``, whose last 10% is held out.
 
 On the CPU, tiny settings (under two minutes of CPU time; the test runs tinier ones)::
 
@@ -55,7 +55,8 @@ _TEXT_FILE = flags.DEFINE_string("text_file", None,
                                  "UTF-8 text to train on (last 10% validates); the Austen "
                                  "novels when unset.")
 _AUSTEN_DIR = flags.DEFINE_string("austen_dir", None,
-                                  "The janeaustenr data folder; see austen.py.")
+                                  "Folder with the janeaustenr Rdata.rdb/.rdx; found or "
+                                  "fetched when unset (see austen_fetch.py).")
 _VALIDATION_NOVEL = flags.DEFINE_string("validation_novel", "persuasion",
                                         "Austen novel held out for validation.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "/tmp/train_lm",
@@ -99,8 +100,8 @@ def load_corpus():
       data = encode(f.read())
     split = int(0.9 * len(data))
     return data[:split], data[split:]
-  import austen  # pylint: disable=import-outside-toplevel
-  novels = austen.load_novels(_AUSTEN_DIR.value)
+  import austen_fetch  # pylint: disable=import-outside-toplevel
+  novels = austen_fetch.novels(data_dir=_AUSTEN_DIR.value)
   if _VALIDATION_NOVEL.value not in novels:
     raise app.UsageError(f"--validation_novel={_VALIDATION_NOVEL.value} is not one of "
                          f"{sorted(novels)}.")
