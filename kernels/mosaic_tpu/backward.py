@@ -51,18 +51,18 @@ def _dq_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, lse_ref, delta_ref, do_ref
   def attend(k, v, k_pos, rule, mask_more=None, bias=None):
     """Every head of the step against one key tile (shared by the heads)."""
     for head in range(heads):
-      q_pos_rows = q_pos_ref[head]
+      head_pos_ref = q_pos_ref.at[head]
 
-      @pl.when(common.may_count(common.row(q_pos_rows), k_pos, spec.causal))
+      @pl.when(common.may_count(common.row(head_pos_ref), k_pos, spec.causal))
       def _():
         raw_logits = common.matmul(q_ref[head], k, common.NT_DIMS, precision)
         logits = scale * raw_logits if bias is None else scale * raw_logits + bias
-        keep = common.tile_mask(common.column(q_pos_rows), k_pos, rule, spec, logits.shape)
+        keep = common.tile_mask(common.column(head_pos_ref), k_pos, rule, spec, logits.shape)
         if mask_more is not None:
           keep &= mask_more(logits.shape)
-        p = jnp.where(keep, jnp.exp(logits - common.column(lse_ref[head])), 0.0)
+        p = jnp.where(keep, jnp.exp(logits - common.column(lse_ref.at[head])), 0.0)
         dp = common.matmul(do_ref[head], v, common.NT_DIMS, precision)
-        ds = p * (dp - common.column(delta_ref[head]))
+        ds = p * (dp - common.column(delta_ref.at[head]))
         dq_acc[head] += common.matmul(ds.astype(k.dtype), k, common.NN_DIMS, precision)
         # d/dscale of scale * q.k + bias is q.k; d/dbias is 1 on the extra logits.
         dscale_acc[head] += jnp.sum(ds * raw_logits, axis=1, keepdims=True)
@@ -150,17 +150,16 @@ def _dkv_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, lse_ref, delta_ref, do_re
     dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
   k, v = k_ref[...], v_ref[...]
-  k_pos_rows = k_pos_ref[...]
-  k_pos = common.column(k_pos_rows)
+  k_pos = common.column(k_pos_ref)
   rule = spec.extra_keys if is_extra else spec.diagonal_keys
   if is_extra:
     block = key_set * blocks_per_set + jax.lax.rem(jax.lax.div(r, q_tiles), blocks_per_set)
     key_block = common.column(key_block_ref)
 
   for head in range(q_ref.shape[0]):  # the heads of the pack share this key tile
-    q_pos = common.row(q_pos_ref[head])
+    q_pos = common.row(q_pos_ref.at[head])
 
-    @pl.when(common.may_count(q_pos, common.row(k_pos_rows), spec.causal))
+    @pl.when(common.may_count(q_pos, common.row(k_pos_ref), spec.causal))
     def _():
       q, do = q_ref[head], do_ref[head]
       logits = scale * common.matmul(k, q, common.NT_DIMS, precision)  # [tk, tq]
@@ -168,10 +167,10 @@ def _dkv_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, lse_ref, delta_ref, do_re
       if is_extra:
         logits += bias_ref[batch]
         keep &= jnp.broadcast_to(key_block, logits.shape) != block
-      p = jnp.where(keep, jnp.exp(logits - common.row(lse_ref[head])), 0.0)
+      p = jnp.where(keep, jnp.exp(logits - common.row(lse_ref.at[head])), 0.0)
       dv_acc[...] += common.matmul(p.astype(do.dtype), do, common.NN_DIMS, precision)
       dp = common.matmul(v, do, common.NT_DIMS, precision)
-      ds = p * (dp - common.row(delta_ref[head]))
+      ds = p * (dp - common.row(delta_ref.at[head]))
       dk_acc[...] += common.matmul(ds.astype(q.dtype), q, common.NN_DIMS, precision)
 
   @pl.when(r == num_steps - 1)

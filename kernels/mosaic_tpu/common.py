@@ -22,14 +22,14 @@ def matmul(a, b, dims, precision):
                              preferred_element_type=jnp.float32)
 
 
-def row(rows):
-  """``[1, t]`` from a ``(8, t)`` block (ref or value) of sublane-replicated rows."""
-  return rows[:1, :]
+def row(rows_ref):
+  """``[1, t]`` from a ``(8, t)`` block of sublane-replicated rows."""
+  return rows_ref[:1, :]
 
 
-def column(rows):
-  """``[t, 1]``: the same values down the sublanes (a lane-to-sublane relayout)."""
-  return jnp.expand_dims(rows[0], -1)
+def column(rows_ref):
+  """``[t, 1]``: row 0 loaded as a vector, then set down the sublanes (a relayout)."""
+  return jnp.expand_dims(rows_ref[0], -1)
 
 
 def lanes(x, width: int):

@@ -86,14 +86,14 @@ def _forward_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, k_ref, v_ref, k_pos_r
   def attend(k, v, k_pos, rule, mask_more=None, bias=None):
     """Every head of the step against one key tile (shared by the heads)."""
     for head in range(heads):
-      q_pos_rows = q_pos_ref[head]
+      head_pos_ref = q_pos_ref.at[head]
 
-      @pl.when(common.may_count(common.row(q_pos_rows), k_pos, spec.causal))
+      @pl.when(common.may_count(common.row(head_pos_ref), k_pos, spec.causal))
       def _():
         logits = scale * common.matmul(q_ref[head], k, common.NT_DIMS, precision)
         if bias is not None:
           logits += bias
-        keep = common.tile_mask(common.column(q_pos_rows), k_pos, rule, spec, logits.shape)
+        keep = common.tile_mask(common.column(head_pos_ref), k_pos, rule, spec, logits.shape)
         if mask_more is not None:
           keep &= mask_more(logits.shape)
         _online_softmax_step(jnp.where(keep, logits, -jnp.inf), v, m_ref.at[head],
