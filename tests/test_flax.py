@@ -55,6 +55,15 @@ def masks(length):
   }
 
 
+def assert_close_on_valid_rows(out, expected, valid):
+  """Compares ``[batch, length, features]`` outputs on the query rows that see some key.
+
+  Flax gives a fully masked row the mean of all values; HyperAttention gives zeros.
+  """
+  chex.assert_trees_all_close(jnp.where(valid[..., None], out, 0),
+                              jnp.where(valid[..., None], expected, 0), atol=1e-5, rtol=1e-5)
+
+
 def nnx_params_as_linen(layer):
   """The variables of a linen ``HyperAttention`` equal to the nnx ``layer``."""
   params = {name: {"kernel": getattr(layer, name).kernel[...],
@@ -119,8 +128,7 @@ class ModuleTest(parameterized.TestCase):
     nnx.update(layer, nnx.state(flax_layer, nnx.Param))
     x = inputs(fresh_key(), SHORT)
     expected = flax_layer(x, mask=mask, is_causal=is_causal)
-    chex.assert_trees_all_close(jnp.where(valid[..., None], layer(x, mask=mask), 0),
-                                jnp.where(valid[..., None], expected, 0), atol=1e-5, rtol=1e-5)
+    assert_close_on_valid_rows(layer(x, mask=mask), expected, valid)
 
   @parameterized.parameters("none", "causal", "padding", "causal_padding", "keys_only")
   def test_short_sequences_match_flax_linen(self, mask_name):
@@ -130,8 +138,7 @@ class ModuleTest(parameterized.TestCase):
     layer = ha_linen.HyperAttention(num_heads=HEADS)
     variables = layer.init(jax.random.key(0), x)
     expected = flax_layer.apply({"params": variables["params"]}, x, mask=mask)
-    chex.assert_trees_all_close(jnp.where(valid[..., None], layer.apply(variables, x, mask=mask), 0),
-                                jnp.where(valid[..., None], expected, 0), atol=1e-5, rtol=1e-5)
+    assert_close_on_valid_rows(layer.apply(variables, x, mask=mask), expected, valid)
 
   def test_padding_queries_give_zero(self):
     mask, valid = masks(SHORT)["padding"]
@@ -271,9 +278,7 @@ class AdapterTest(parameterized.TestCase):
     call = nnx.jit(lambda m, x, mask: m(x, mask=mask, is_causal=is_causal)) if jit else (
         lambda m, x, mask: m(x, mask=mask))
     x = inputs(fresh_key(), SHORT)
-    chex.assert_trees_all_close(jnp.where(valid[..., None], call(swapped, x, mask), 0),
-                                jnp.where(valid[..., None], flax_layer(x, mask=mask), 0),
-                                atol=1e-5, rtol=1e-5)
+    assert_close_on_valid_rows(call(swapped, x, mask), flax_layer(x, mask=mask), valid)
 
   @parameterized.parameters("none", "causal", "padding", "causal_padding")
   def test_linen_multi_head_dot_product_attention(self, mask_name):
@@ -286,8 +291,7 @@ class AdapterTest(parameterized.TestCase):
     fn = functools.partial(hyper_attention_fn, is_causal="causal" in mask_name)
     swapped = nn.MultiHeadDotProductAttention(num_heads=HEADS, attention_fn=fn)
     out = jax.jit(lambda v, x, mask: swapped.apply(v, x, mask=mask))(variables, x, mask)
-    chex.assert_trees_all_close(jnp.where(valid[..., None], out, 0),
-                                jnp.where(valid[..., None], expected, 0), atol=1e-5, rtol=1e-5)
+    assert_close_on_valid_rows(out, expected, valid)
 
   def test_matches_functional_call_on_long_inputs(self):
     q, k, v = (jax.random.normal(key, (2, LONG, HEADS, 8)) for key in jax.random.split(

@@ -31,6 +31,7 @@ right-padded indicator, their ``nn.combine_masks``, and the decoding cache mask.
 """
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -145,6 +146,25 @@ def attend(attention, query, key, value, *, mask=None, is_causal: bool = False,
   return out.reshape(batch_shape + out.shape[1:])
 
 
+def default_key_value(inputs_q, inputs_k, inputs_v):
+  """Flax's defaults: ``inputs_k`` is ``inputs_q`` and ``inputs_v`` is ``inputs_k`` when None."""
+  if inputs_k is None:
+    if inputs_v is not None:
+      raise ValueError("inputs_k cannot be None when inputs_v is given.")
+    inputs_k = inputs_q
+  return inputs_k, inputs_k if inputs_v is None else inputs_v
+
+
+def head_dim(qkv_features: int, num_heads: int, num_kv_heads: int) -> int:
+  """Per-head features of a multi-head layer, after checking the head counts."""
+  if qkv_features % num_heads:
+    raise ValueError(f"qkv_features={qkv_features} must be divisible by num_heads={num_heads}.")
+  if num_heads % num_kv_heads:
+    raise ValueError(f"num_heads={num_heads} must be a multiple of "
+                     f"num_kv_heads={num_kv_heads}.")
+  return qkv_features // num_heads
+
+
 def check_unsupported_call(*, sow_weights: bool = False, decode: bool | None = None):
   """Rejects call options of Flax's attention layers that HyperAttention cannot honour."""
   if sow_weights:
@@ -226,12 +246,8 @@ def hyper_attention_fn(query, key, value, *, bias=None, mask=None, is_causal: bo
   q, k, v = _flax_hook_checks(bias=bias, dropout_rate=dropout_rate,
                               deterministic=deterministic, module=module, dtype=dtype,
                               query=query, key=key, value=value, unused_kwargs=unused_kwargs)
-
-  def attention(q, k, v, *, is_causal, key_value_seq_lengths):
-    return hyper_attention(q, k, v, rng=rng, is_causal=is_causal, config=config,
-                           projections=projections, key_value_seq_lengths=key_value_seq_lengths,
-                           implementation=implementation)
-
+  attention = functools.partial(hyper_attention, rng=rng, config=config, projections=projections,
+                                implementation=implementation)
   return attend(attention, q, k, v, mask=mask, is_causal=is_causal, check_mask=check_mask)
 
 
@@ -262,9 +278,4 @@ def exact_attention_fn(query, key, value, *, bias=None, mask=None, is_causal: bo
   q, k, v = _flax_hook_checks(bias=bias, dropout_rate=dropout_rate,
                               deterministic=deterministic, module=module, dtype=dtype,
                               query=query, key=key, value=value, unused_kwargs=unused_kwargs)
-
-  def attention(q, k, v, *, is_causal, key_value_seq_lengths):
-    return exact_attention(q, k, v, is_causal=is_causal,
-                           key_value_seq_lengths=key_value_seq_lengths)
-
-  return attend(attention, q, k, v, mask=mask, is_causal=is_causal, check_mask=check_mask)
+  return attend(exact_attention, q, k, v, mask=mask, is_causal=is_causal, check_mask=check_mask)

@@ -1,5 +1,6 @@
 """HyperAttention as a ``flax.linen`` layer."""
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -99,22 +100,11 @@ class HyperAttention(nn.Module):
     """
     del deterministic, dropout_rng
     adapters.check_unsupported_call(sow_weights=sow_weights)
-    if inputs_k is None:
-      if inputs_v is not None:
-        raise ValueError("inputs_k cannot be None when inputs_v is given.")
-      inputs_k = inputs_q
-    if inputs_v is None:
-      inputs_v = inputs_k
+    inputs_k, inputs_v = adapters.default_key_value(inputs_q, inputs_k, inputs_v)
     config = HyperAttentionConfig() if self.config is None else self.config
     num_kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-    qkv_features = self.qkv_features or inputs_q.shape[-1]
-    if qkv_features % self.num_heads:
-      raise ValueError(f"qkv_features={qkv_features} must be divisible by "
-                       f"num_heads={self.num_heads}.")
-    if self.num_heads % num_kv_heads:
-      raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
-                       f"num_kv_heads={num_kv_heads}.")
-    head_dim = qkv_features // self.num_heads
+    head_dim = adapters.head_dim(self.qkv_features or inputs_q.shape[-1], self.num_heads,
+                                 num_kv_heads)
 
     def dense(heads, name):
       return nn.DenseGeneral(features=(heads, head_dim), axis=-1, dtype=self.dtype,
@@ -132,11 +122,8 @@ class HyperAttention(nn.Module):
       rng = self.make_rng(self.rng_collection)
     planes = jax.lax.stop_gradient(projections.value)
 
-    def attention(q, k, v, *, is_causal, key_value_seq_lengths):
-      return hyper_attention(q, k, v, rng=rng, is_causal=is_causal, config=config,
-                             projections=planes, key_value_seq_lengths=key_value_seq_lengths,
-                             implementation=self.implementation)
-
+    attention = functools.partial(hyper_attention, rng=rng, config=config,
+                                  projections=planes, implementation=self.implementation)
     out = adapters.attend(attention, query, key, value, mask=mask, is_causal=self.is_causal,
                           key_value_seq_lengths=key_value_seq_lengths,
                           check_mask=self.check_mask)

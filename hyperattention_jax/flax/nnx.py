@@ -1,5 +1,7 @@
 """HyperAttention as a ``flax.nnx`` layer."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -79,13 +81,7 @@ class HyperAttention(nnx.Module):
     self.out_features = in_features if out_features is None else out_features
     self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     self.in_kv_features = in_features if in_kv_features is None else in_kv_features
-    if self.qkv_features % num_heads:
-      raise ValueError(f"qkv_features={self.qkv_features} must be divisible by "
-                       f"num_heads={num_heads}.")
-    if num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads={num_heads} must be a multiple of "
-                       f"num_kv_heads={self.num_kv_heads}.")
-    self.head_dim = self.qkv_features // num_heads
+    self.head_dim = adapters.head_dim(self.qkv_features, num_heads, self.num_kv_heads)
     self.is_causal = bool(is_causal)
     self.config = HyperAttentionConfig() if config is None else config
     self.implementation = implementation
@@ -151,12 +147,7 @@ class HyperAttention(nnx.Module):
     """
     del deterministic
     adapters.check_unsupported_call(sow_weights=sow_weights, decode=decode)
-    if inputs_k is None:
-      if inputs_v is not None:
-        raise ValueError("inputs_k cannot be None when inputs_v is given.")
-      inputs_k = inputs_q
-    if inputs_v is None:
-      inputs_v = inputs_k
+    inputs_k, inputs_v = adapters.default_key_value(inputs_q, inputs_k, inputs_v)
     if inputs_q.shape[-1] != self.in_features:
       raise ValueError(f"inputs_q has {inputs_q.shape[-1]} features; the layer expects "
                        f"in_features={self.in_features}.")
@@ -164,12 +155,8 @@ class HyperAttention(nnx.Module):
     rng = self._sample_rng(rngs)
     projections = jax.lax.stop_gradient(self.projections[...])
 
-    def attention(q, k, v, *, is_causal, key_value_seq_lengths):
-      return hyper_attention(q, k, v, rng=rng, is_causal=is_causal, config=self.config,
-                             projections=projections,
-                             key_value_seq_lengths=key_value_seq_lengths,
-                             implementation=self.implementation)
-
+    attention = functools.partial(hyper_attention, rng=rng, config=self.config,
+                                  projections=projections, implementation=self.implementation)
     is_causal = self.is_causal if is_causal is None else bool(is_causal)
     out = adapters.attend(attention, query, key, value, mask=mask, is_causal=is_causal,
                           key_value_seq_lengths=key_value_seq_lengths,
