@@ -26,11 +26,11 @@ levels of LSH-sorted blocks with sampled columns)::
 
 Measured (validation perplexity per byte on "Persuasion", HyperAttention / exact):
 
-* CPU, the tiny settings above, Austen novels, jax 0.11.2, 2026-11-30, commit 030e682:
-  step 0: 256.0 / 256.0; step 10: 46.35 / 45.83; step 20: 23.66 / 23.62; step 30:
-  22.39 / 22.39; step 40: 22.21 / 22.22 (ratio 0.999). The run took 95.6 s of user CPU
-  time (253 s of wall-clock time on a 2-core machine shared with other jobs, load
-  average about 10); median step 0.85 s (HyperAttention) and 1.09 s (exact), at that load.
+* CPU, the tiny settings above, Austen novels, jax 0.11.2, 2026-11-30, commit 0539f18:
+  step 0: 256.0 / 256.0; step 10: 46.48 / 46.30; step 20: 23.58 / 23.61; step 30:
+  22.37 / 22.36; step 40: 22.21 / 22.17 (ratio 1.002). The run took 86 s of user CPU time
+  (222 s of wall-clock time on a 2-core machine shared with other jobs, load average
+  about 11); median step 0.64 s (HyperAttention) and 0.84 s (exact), at that load.
 * GPU, real settings: not yet run.
 """
 
