@@ -1,0 +1,159 @@
+r"""hyper_attention (mosaic_gpu and xla) against exact cuDNN attention on one GPU.
+
+For every length, causal setting and pass (forward; forward+backward) the script prints the
+median wall time of each implementation, the speedup of hyper_attention over cuDNN, and
+the relative error ``||o - o_exact|| / ||o_exact||`` of hyper_attention's output against
+cuDNN's. It writes a JSON file, a markdown table and a PNG plot of time against length.
+
+  PYTHONPATH=. python3 benchmarks/bench_mosaic_gpu.py --out_dir=/tmp/bench
+"""
+
+import functools
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import hyperattention_jax as ha
+
+from benchmarks.timing import median_ms
+
+_LENGTHS = flags.DEFINE_list("lengths", ["4096", "8192", "16384", "32768", "65536", "131072"],
+                             "Sequence lengths.")
+_BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
+_HEADS = flags.DEFINE_integer("heads", 32, "Attention heads.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
+_IMPLS = flags.DEFINE_list("implementations", ["mosaic_gpu", "xla", "cudnn"],
+                           "What to time: hyper_attention implementations and/or 'cudnn'.")
+_PASSES = flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "Passes to time.")
+_CAUSAL = flags.DEFINE_list("causal", ["false", "true"], "Causal settings.")
+_REPS = flags.DEFINE_integer("reps", 10, "Timed repetitions (fewer for slow points).")
+_MAX_SECONDS = flags.DEFINE_float("max_seconds", 6.0, "Time budget per measured point.")
+_OUT_DIR = flags.DEFINE_string("out_dir", "", "Directory for results.json, table.md, plot.png.")
+
+
+def attention_fn(impl, causal):
+  """``(q, k, v) -> o`` in ``[batch, seq, heads, dim]``."""
+  if impl == "cudnn":
+    return functools.partial(jax.nn.dot_product_attention, is_causal=causal,
+                             implementation="cudnn")
+  return functools.partial(ha.hyper_attention, rng=jax.random.key(0), is_causal=causal,
+                           implementation=impl)
+
+
+def fwd_bwd_fn(attend):
+  def loss(q, k, v, d_out):
+    return jnp.sum(attend(q, k, v).astype(jnp.float32) * d_out.astype(jnp.float32))
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def relative_error(out, exact):
+  out, exact = out.astype(jnp.float32), exact.astype(jnp.float32)
+  return float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact))
+
+
+def measure_point(n, causal, results):
+  shape = (_BATCH.value, n, _HEADS.value, _HEAD_DIM.value)
+  keys = jax.random.split(jax.random.key(n + causal), 4)
+  q, k, v, d_out = (jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16)
+                    for key in keys)
+  exact_out = None
+  if "cudnn" in _IMPLS.value:
+    exact_out = jax.jit(attention_fn("cudnn", causal))(q, k, v)
+  for impl in _IMPLS.value:
+    for pass_name in _PASSES.value:
+      label = f"n={n:6d} causal={causal!s:5s} {pass_name:7s} {impl:10s}"
+      attend = attention_fn(impl, causal)
+      try:
+        t0 = time.perf_counter()
+        if pass_name == "fwd":
+          fn = jax.jit(attend)
+          out = jax.block_until_ready(fn(q, k, v))
+          args = (q, k, v)
+        else:
+          fn = fwd_bwd_fn(attend)
+          jax.block_until_ready(fn(q, k, v, d_out))
+          args = (q, k, v, d_out)
+        first = time.perf_counter() - t0
+        ms = median_ms(fn, *args, reps=_REPS.value, warmup=1, max_seconds=_MAX_SECONDS.value)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"{label} ERROR {type(e).__name__}: {str(e)[:1500]}", flush=True)
+        continue
+      row = dict(n=n, causal=causal, pass_name=pass_name, impl=impl, ms=ms,
+                 first_call_s=first)
+      if pass_name == "fwd" and impl != "cudnn" and exact_out is not None:
+        row["rel_error_vs_exact"] = relative_error(out, exact_out)
+      results.append(row)
+      err = f" rel.err {row['rel_error_vs_exact']:.3f}" if "rel_error_vs_exact" in row else ""
+      print(f"{label} {ms:10.3f} ms  (first call {first:5.1f} s){err}", flush=True)
+
+
+def table(results):
+  """Markdown table: one row per (n, causal, pass), speedups against cuDNN."""
+  lookup = {(r["n"], r["causal"], r["pass_name"], r["impl"]): r for r in results}
+  lines = ["| n | causal | pass | cuDNN ms | mosaic_gpu ms | xla ms | mosaic_gpu speedup | "
+           "xla speedup | rel. error mosaic_gpu | rel. error xla |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  keys = sorted({(r["n"], r["causal"], r["pass_name"]) for r in results})
+  for n, causal, pass_name in keys:
+    get = lambda impl, n=n, c=causal, p=pass_name: lookup.get((n, c, p, impl))
+    cudnn, mosaic, xla = get("cudnn"), get("mosaic_gpu"), get("xla")
+    fmt = lambda r: f"{r['ms']:.2f}" if r else "-"
+    speed = lambda r: (f"{cudnn['ms'] / r['ms']:.1f}x" if r and cudnn else "-")
+    error = lambda r: (f"{r['rel_error_vs_exact']:.3f}" if r and "rel_error_vs_exact" in r
+                       else "-")
+    lines.append(f"| {n} | {causal} | {pass_name} | {fmt(cudnn)} | {fmt(mosaic)} | {fmt(xla)} | "
+                 f"{speed(mosaic)} | {speed(xla)} | {error(mosaic)} | {error(xla)} |")
+  return "\n".join(lines)
+
+
+def plot(results, path):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  combos = sorted({(r["causal"], r["pass_name"]) for r in results})
+  fig, axes = plt.subplots(1, len(combos), figsize=(4.5 * len(combos), 4), squeeze=False)
+  for ax, (causal, pass_name) in zip(axes[0], combos):
+    for impl in _IMPLS.value:
+      rows = sorted((r for r in results if r["impl"] == impl and r["causal"] == causal
+                     and r["pass_name"] == pass_name), key=lambda r: r["n"])
+      if rows:
+        label = "exact (cuDNN)" if impl == "cudnn" else f"hyper_attention ({impl})"
+        ax.loglog([r["n"] for r in rows], [r["ms"] for r in rows], "o-", label=label)
+    ax.set_title(f"{'causal' if causal else 'non-causal'} {pass_name.replace('_', '+')}")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("median time (ms)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(f"B={_BATCH.value}, {_HEADS.value} heads, head_dim {_HEAD_DIM.value}, bf16, "
+               f"{jax.devices()[0].device_kind}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv):
+  del argv
+  print(f"jax {jax.__version__}; {jax.devices()[0].device_kind}; "
+        f"implementations available: {ha.available_implementations()}", flush=True)
+  results = []
+  for n in map(int, _LENGTHS.value):
+    for causal in (c.lower() == "true" for c in _CAUSAL.value):
+      measure_point(n, causal, results)
+  print("\n" + table(results), flush=True)
+  if _OUT_DIR.value:
+    os.makedirs(_OUT_DIR.value, exist_ok=True)
+    with open(os.path.join(_OUT_DIR.value, "results.json"), "w", encoding="utf-8") as f:
+      json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                     results=results), f, indent=1)
+    with open(os.path.join(_OUT_DIR.value, "table.md"), "w", encoding="utf-8") as f:
+      f.write(table(results) + "\n")
+    plot(results, os.path.join(_OUT_DIR.value, "plot.png"))
+
+
+if __name__ == "__main__":
+  app.run(main)
