@@ -28,6 +28,10 @@ right-padded indicator, their ``nn.combine_masks``, and the decoding cache mask.
   (the default) a mask that does not fit raises at run time (a ``JaxRuntimeError``
   carrying the ``ValueError`` message, from a host callback); ``check_mask=False``
   skips that check and its callback.
+
+A query row that sees no key gets a zero output (Flax's own attention gives it the mean
+of all values). A dense mask costs ``q_len * kv_len`` memory by itself: at long context,
+give the HyperAttention layers ``key_value_seq_lengths`` instead of a padding mask.
 """
 
 import contextlib
