@@ -184,8 +184,8 @@ def main(argv):
           f"{diff_text} |")
   diffs = [row[-1] for row in rows if row[-1] is not None]
   if diffs:
-    # About ten units of rounding of the input dtype, accumulated over a long softmax.
-    tolerance = 10 * float(jnp.finfo(dtype).eps)
+    # About one unit of rounding of a 16-bit output; float32 sums in another order.
+    tolerance = 1e-4 if dtype == jnp.float32 else 1e-2
     verdict = "agree" if max(diffs) <= tolerance else "DISAGREE"
     print(f"\nsharded vs one device: largest rel. diff {max(diffs):.1e}, tolerance "
           f"{tolerance:.1e}: {verdict}")
