@@ -173,12 +173,12 @@ def _linear_axis_index(mesh, names: tuple[str, ...]):
 
 
 def _local_attention(query, key, value, rng, scale, projections, key_value_seq_lengths, *,
-                     mesh, layout: _Layout, is_causal, config, implementation):
+                     mesh, layout: _Layout, is_causal, config, implementation, return_lse):
   """The per-device body under shard_map: local shards in, local shards out.
 
   Shapes on entry: ``query [B/Db, nq/Ds, N/Dh, d]``, ``key``/``value``
   ``[B/Db, nk/Ds, K', d]`` with ``K' = K/Dh`` when the key/value heads are split, else
-  ``K``. Returns ``out [B/Db, nq/Ds, N/Dh, dv]`` and ``lse [B/Db, N/Dh, nq/Ds]``.
+  ``K``. Returns ``out [B/Db, nq/Ds, N/Dh, dv]`` (and ``lse [B/Db, N/Dh, nq/Ds]``).
   """
   head_index = _linear_axis_index(mesh, layout.head_axes)
   # After the all-to-all, the device at (head index i, sequence index j) holds query-head
@@ -206,8 +206,9 @@ def _local_attention(query, key, value, rng, scale, projections, key_value_seq_l
                                   return_lse=True)
   if layout.seq_axes:
     out = jax.lax.all_to_all(out, layout.seq_axes, split_axis=1, concat_axis=2, tiled=True)
-    lse = jax.lax.all_to_all(lse, layout.seq_axes, split_axis=2, concat_axis=1, tiled=True)
-  return out, lse
+    if return_lse:
+      lse = jax.lax.all_to_all(lse, layout.seq_axes, split_axis=2, concat_axis=1, tiled=True)
+  return (out, lse) if return_lse else out
 
 
 def _place(x, mesh, spec: PartitionSpec):
@@ -236,15 +237,14 @@ def _sharded(query, key, value, rng, scale, projections, key_value_seq_lengths, 
           _place(value, mesh, kv_spec), rng, scale, _place(projections, mesh, replicated),
           _place(key_value_seq_lengths, mesh, lengths_spec))
   body = functools.partial(_local_attention, mesh=mesh, layout=layout, is_causal=is_causal,
-                           config=config, implementation=implementation)
+                           config=config, implementation=implementation, return_lse=return_lse)
   # check_vma=False: kernels declare their outputs without the varying-axes annotation that
   # the check demands of pallas_call. The body needs no replication tracking: it has no
   # reductions over devices, and shard_map sums the gradients of the replicated inputs.
-  out, lse = jax.shard_map(
+  return jax.shard_map(
       body, mesh=mesh,
       in_specs=(q_spec, kv_spec, kv_spec, replicated, replicated, replicated, lengths_spec),
-      out_specs=(out_spec, lse_spec), check_vma=False)(*args)
-  return (out, lse) if return_lse else out
+      out_specs=(out_spec, lse_spec) if return_lse else out_spec, check_vma=False)(*args)
 
 
 def sharded_hyper_attention(query, key, value, *, mesh, batch_axis=None, head_axis=None,

@@ -119,6 +119,16 @@ class NonCausalShardingTest(_EightDeviceTest):
     self.check_against_unsharded(mesh=_mesh(shape, names, axis_type), num_kv_heads=4,
                                  is_causal=False, lengths=[SEQ_LEN, 41], **axes)
 
+  def test_output_only_with_default_rng(self):
+    """Eager call on unplaced inputs, no lse, no rng: still the unsharded result."""
+    q, k, v = _fresh_inputs(time.time_ns() % 2**32, 2)[:3]
+    mesh = _mesh((2, 4), ("data", "seq"), AxisType.Explicit)
+    got = sharded_hyper_attention(q, k, v, mesh=mesh, batch_axis="data", seq_axis="seq",
+                                  config=CONFIG)
+    self.assertEqual(got.sharding.spec, activation_spec(batch_axis="data", seq_axis="seq"))
+    chex.assert_trees_all_close(got, hyper_attention(q, k, v, config=CONFIG), rtol=1e-5,
+                                atol=1e-5)
+
 
 class CausalShardingTest(_EightDeviceTest):
 
