@@ -14,8 +14,8 @@ same ``rng`` (up to rounding):
   holds the whole sequence for ``num_heads / (head_devices * seq_devices)`` heads. This
   suits HyperAttention, whose LSH sort is global over the sequence: a sequence-local
   sort would change the result. A second all-to-all brings the output back to the
-  sequence split. Traffic per device is about ``4 / seq_devices`` of its activations
-  (q, k, v in, o out), independent of the mesh size.
+  sequence split. Each device sends and receives a fraction ``1 - 1/seq_devices`` of its
+  own shards of q, k, v and the output, once each way; the rest of the work is local.
 
 Limits (checked before tracing; a ``ValueError`` names the offending size):
 

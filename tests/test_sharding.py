@@ -18,7 +18,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import chex
 import jax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding
 import jax.numpy as jnp
 import numpy as np
 
