@@ -141,9 +141,8 @@ def run_context(checkpoint, windows, n, layer_sets, hyper_config, progress):
         captured = qkv
       progress.update(1)
 
-  result = {"n": n, "windows": len(windows), "tokens_scored": int(sum(len(x) for x in nll["exact"])),
-            "perplexity": {}, "nll_by_position": {}, "forward_seconds": {},
-            "attention_ms": {}}
+  result = {"n": n, "windows": len(windows), "tokens_scored": len(windows) * (n - 1),
+            "perplexity": {}, "nll_by_position": {}, "forward_seconds": {}, "attention_ms": {}}
   for name, values in nll.items():
     stacked = np.stack(values)  # [windows, n - 1]
     result["perplexity"][name] = float(np.exp(stacked.mean()))
@@ -171,7 +170,8 @@ def print_table(results, layer_sets, hyper_config):
   header = f"{'n':>7} {'swapped layers':>15} {'ppl exact':>10} {'ppl hyper':>10} {'ratio':>7}"
   timing = any(r["forward_seconds"] for r in results)
   if timing:
-    header += f" {'fwd exact s':>11} {'fwd hyper s':>11} {'attn exact ms':>13} {'attn hyper ms':>13}"
+    header += (f" {'fwd exact s':>11} {'fwd hyper s':>11} {'attn exact ms':>13}"
+               f" {'attn hyper ms':>13}")
   print(header)
   print("-" * len(header))
   for r in results:
@@ -224,7 +224,7 @@ def plot(results, layer_sets, path):
   ax_pos.set_xscale("log")
   ax_pos.set_xlabel("position in the window")
   ax_pos.set_ylabel("mean token loss (nats)")
-  ax_pos.set_title(f"Loss by position, n = {last['n']} ({last['windows']} windows)")
+  ax_pos.set_title(f"Loss by position, n = {last['n']}, mean of {last['windows']} window(s)")
   ax_pos.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -266,7 +266,8 @@ def main(argv):
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
   json_path = os.path.join(_OUTPUT_DIR.value, "gemma_perplexity.json")
   png_path = os.path.join(_OUTPUT_DIR.value, "gemma_perplexity.png")
-  flag_values = {f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(__name__)}
+  flag_values = {holder.name: holder.value for holder in globals().values()
+                 if isinstance(holder, flags.FlagHolder)}
   with open(json_path, "w", encoding="utf-8") as f:
     json.dump({"flags": flag_values, "backend": jax.default_backend(),
                "device": str(jax.devices()[0]), "results": results}, f, indent=1)

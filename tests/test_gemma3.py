@@ -234,7 +234,7 @@ class Gemma270mTest(parameterized.TestCase):
     with open(os.path.join(TESTDATA, "pride_and_prejudice_opening.txt"), encoding="utf-8") as f:
       text = f.read()
     ids = cls.checkpoint.tokenizer.encode(text, add_bos=True)
-    cls.tokens = jnp.asarray([ids[:384]], jnp.int32)
+    cls.tokens = jnp.asarray([ids[:256]], jnp.int32)
 
   def test_config(self):
     config = self.checkpoint.config

@@ -315,16 +315,16 @@ def hidden_states(params, tokens, *, config: Gemma3Config, attention, rng=None, 
     base = config.rope_base_global if config.is_global(start) else config.rope_base_local
     block = functools.partial(_block, config=config, attention=attention[start],
                               rope_base=base)
-    layer_params = jax.tree.map(lambda a: a[start:stop], params["layers"])  # pylint: disable=cell-var-from-loop
+    layer_params = jax.tree.map(lambda a, i=start, j=stop: a[i:j], params["layers"])
     if stop - start == 1:
       x, qkv = block(x, jax.tree.map(lambda a: a[0], layer_params),
                      jax.random.fold_in(rng, start))
       if start in capture:
         captured[start] = qkv
     else:
-      def step(x, layer):
+      def step(x, layer, block=block):
         p, index = layer
-        return block(x, p, jax.random.fold_in(rng, index))[0], None  # pylint: disable=cell-var-from-loop
+        return block(x, p, jax.random.fold_in(rng, index))[0], None
       x, _ = jax.lax.scan(step, x, (layer_params, jnp.arange(start, stop)))
   return rms_norm(x, params["final_norm"], config.rms_eps), captured
 
@@ -338,7 +338,11 @@ def output_logits(params, hidden):
 
 @functools.partial(jax.jit, static_argnames=("config", "attention", "capture"))
 def forward(params, tokens, rng=None, *, config: Gemma3Config, attention, capture=()):
-  """Logits ``[batch, seq, vocab]`` float32 (short inputs only: see ``token_nll``)."""
+  """Logits ``[batch, seq, vocab]`` float32 and the captured ``(q, k, v)`` dict.
+
+  Materialises every position's logits (1 MiB per token): for short inputs; ``token_nll``
+  scores long ones.
+  """
   hidden, captured = hidden_states(params, tokens, config=config, attention=attention, rng=rng,
                                    capture=capture)
   return output_logits(params, hidden), captured
