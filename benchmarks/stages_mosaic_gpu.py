@@ -29,7 +29,7 @@ from hyperattention_jax.local import local_attention
 from hyperattention_jax.lsh_attention import lsh_attention, make_plan
 from hyperattention_jax.merge import merge_partials
 
-from benchmarks import check_mosaic_gpu
+from benchmarks.inputs import lsh_inputs
 from benchmarks.timing import median_ms
 
 _LENGTHS = flags.DEFINE_list("lengths", ["32768", "131072"], "Sequence lengths.")
@@ -72,7 +72,7 @@ def _lsh_piece_kernel(rows, label, batch, heads, q_len, dim):
   """The LSH-piece kernel alone on random sorted inputs of the real shape."""
   block = CONFIG.block_size
   nb = q_len // block
-  inputs = check_mosaic_gpu.lsh_inputs(0, batch=batch, q_heads=heads, kv_heads=heads,
+  inputs = lsh_inputs(0, batch=batch, q_heads=heads, kv_heads=heads,
                                        num_blocks=nb, block_q=block, block_k=block, dk=dim,
                                        dv=dim, num_extra=CONFIG.sample_size,
                                        dtype=jnp.bfloat16)

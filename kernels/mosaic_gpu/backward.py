@@ -27,7 +27,7 @@ from jax import lax
 
 from hyperattention_jax.kernels.mosaic_gpu import common
 from hyperattention_jax.kernels.mosaic_gpu.common import COL, ROW, col_vec, row_vec
-from hyperattention_jax.kernels.mosaic_gpu.forward import _loop, diagonal_steps
+from hyperattention_jax.kernels.mosaic_gpu.forward import _loop, key_steps
 from hyperattention_jax.kernels.mosaic_gpu.layout import BIAS, ROWS_PER_WG, Operands, Problem
 from hyperattention_jax.util import cdiv
 
@@ -67,7 +67,7 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
   q_rows = query_meta_rows(prob)
 
   def kernel(q_ref, k_ref, v_ref, kmeta_ref, xk_ref, xv_ref, xmeta_ref, do_ref, qmeta_ref,
-             coef_ref, dq_ref, dscale_ref, dbias_ref, buffers, barriers):
+             coef_ref, dlive_ref, xlive_ref, dq_ref, dscale_ref, dbias_ref, buffers, barriers):
     q_smem, do_smem, k_smem, v_smem, meta_smem, qmeta_smem, coef_smem, sums_smem = buffers
     q_bar, k_bar, v_bar, k_free, v_free = barriers
     tile, head, batch = common.axis("tile"), common.axis("head"), common.axis("batch")
@@ -75,8 +75,10 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
     block = tile // ctas_per_block
     first_row = (tile % ctas_per_block) * cta_rows
     kv_head = head // prob.groups
-    num_unmasked, num_diagonal = diagonal_steps(prob, tiles, first_row)
-    num_steps = num_diagonal + extra_steps
+    set_idx = block if prob.num_sets > 1 else 0
+    num_unmasked, num_diagonal, num_steps = key_steps(
+        prob, tiles, first_row, dlive_ref[batch, kv_head, block],
+        xlive_ref[batch, kv_head, set_idx])
 
     @pl.when(wg == nw)
     def _memory():
@@ -84,7 +86,7 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
           (k_ref, v_ref, kmeta_ref), (xk_ref, xv_ref, xmeta_ref) if extra_steps else None,
           (k_smem, v_smem, meta_smem), (k_bar, v_bar), (k_free, v_free), batch=batch,
           kv_head=kv_head, first_key=block * prob.block_k,
-          extra_set=block if prob.num_sets > 1 else 0, num_diagonal=num_diagonal,
+          extra_set=set_idx, num_diagonal=num_diagonal,
           num_steps=num_steps, key_tile=tk, stages=stages)
 
     @pl.when(wg < nw)
@@ -140,8 +142,9 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
                common.full((rows,), 0.0, ROW))
       carry = _loop(0, num_unmasked, functools.partial(step_fn, extra=False, masked=False),
                     carry)
-      carry = _loop(num_unmasked, num_diagonal,
-                    functools.partial(step_fn, extra=False, masked=True), carry)
+      if needs_pos:  # otherwise num_unmasked == num_diagonal
+        carry = _loop(num_unmasked, num_diagonal,
+                      functools.partial(step_fn, extra=False, masked=True), carry)
       if extra_steps:
         carry = _loop(num_diagonal, num_steps,
                       functools.partial(step_fn, extra=True, masked=needs_pos), carry)
@@ -187,7 +190,7 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
       grid_names=("tile", "head", "batch"), num_threads=nw + 1, thread_name="wg",
       compiler_params=common.compiler_params(interpret), interpret=interpret,
   )(ops["q"], ops["k"], ops["v"], ops["k_meta"], ops["extra_k"], ops["extra_v"],
-    ops["extra_meta"], do, q_meta, ops["coef"])
+    ops["extra_meta"], do, q_meta, ops["coef"], ops["diag_live"], ops["extra_live"])
 
 
 def extra_chunks(prob: Problem, tiles: common.Tiles, target_ctas: int = 264) -> int:
@@ -230,7 +233,7 @@ def dkv(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, chunks
   groups = prob.groups
 
   def kernel(q_ref, k_ref, v_ref, kmeta_ref, xk_ref, xv_ref, xmeta_ref, do_ref, qmeta_ref,
-             coef_ref, dk_ref, dv_ref, dkx_ref, dvx_ref, buffers, barriers):
+             coef_ref, dlive_ref, xlive_ref, dk_ref, dv_ref, dkx_ref, dvx_ref, buffers, barriers):
     k_smem, v_smem, kmeta_smem, coef_smem, q_smem, do_smem, qmeta_smem = buffers
     kv_bar, q_bar, do_bar, q_free, do_free = barriers
     cta, kv_head, batch = common.axis("tile"), common.axis("head"), common.axis("batch")
@@ -261,13 +264,19 @@ def dkv(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, chunks
       q_end = jnp.where(is_extra, x_end, d_end)
     else:
       q_start, q_end = d_start, d_end
-    tiles_per_head = q_end - q_start
+    # Key tiles past the last key that can count get zero gradients without any work.
+    live = first_key - block * prob.block_k < dlive_ref[batch, kv_head, block]
+    if extra_ctas:
+      extra_live = extra_tile * cta_keys < xlive_ref[batch, kv_head, extra_set]
+      live = jnp.where(is_extra, extra_live, live)
+    tiles_per_head = jnp.where(live, q_end - q_start, 0)
     num_steps = groups * tiles_per_head
 
     def query_tile(step):
       """(query head, first row) of a step: heads of the group outer, tiles inner."""
-      j = step // tiles_per_head
-      return kv_head * groups + j, (q_start + lax.rem(step, tiles_per_head)) * tq
+      per_head = jnp.maximum(tiles_per_head, 1)
+      j = step // per_head
+      return kv_head * groups + j, (q_start + lax.rem(step, per_head)) * tq
 
     @pl.when(wg == nw)
     def _memory():
@@ -420,4 +429,4 @@ def dkv(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, chunks
       grid_names=("tile", "head", "batch"), num_threads=nw + 1, thread_name="wg",
       compiler_params=common.compiler_params(interpret), interpret=interpret,
   )(ops["q"], ops["k"], ops["v"], ops["k_meta"], ops["extra_k"], ops["extra_v"],
-    ops["extra_meta"], do, q_meta, ops["coef"])
+    ops["extra_meta"], do, q_meta, ops["coef"], ops["diag_live"], ops["extra_live"])

@@ -31,22 +31,29 @@ from hyperattention_jax.kernels.mosaic_gpu.layout import BIAS, ROWS_PER_WG, Oper
 LN2 = math.log(2.0)
 
 
-def diagonal_steps(prob: Problem, tiles: common.Tiles, first_row):
+def key_steps(prob: Problem, tiles: common.Tiles, first_row, diag_live, extra_live):
   """Key-tile counts of a query CTA whose first row in its block is ``first_row``.
 
-  Returns ``(num_unmasked, num_diagonal)``: tiles ``[0, num_unmasked)`` need no
-  query-dependent mask, tiles ``[num_unmasked, num_diagonal)`` need one, later ones are
-  skipped (causal only).
+  Args:
+    diag_live, extra_live: leading keys of the CTA's diagonal block and extra set that may
+      count (``layout.operands``); tiles after them are skipped.
+
+  Returns ``(num_unmasked, num_diagonal, num_steps)``: diagonal tiles ``[0, num_unmasked)``
+  need no query-dependent mask, ``[num_unmasked, num_diagonal)`` need one; steps
+  ``[num_diagonal, num_steps)`` are extra-key tiles.
   """
   tk = tiles.key_tile
-  total = prob.block_k // tk
+  num_diagonal = (diag_live + tk - 1) // tk
   if prob.spec.causal:
     # Keys at block index <= the CTA's last row; tiles wholly before its first row are full.
     last = first_row + tiles.rows_per_cta - 1
-    num_diagonal = jnp.minimum(last // tk + 1, total)
-    num_unmasked = 0 if prob.spec.window_size > 0 else first_row // tk
-    return num_unmasked, num_diagonal
-  return (0 if prob.spec.window_size > 0 else total), total
+    num_diagonal = jnp.minimum(last // tk + 1, num_diagonal)
+    num_unmasked = 0 if prob.spec.window_size > 0 else jnp.minimum(first_row // tk,
+                                                                   num_diagonal)
+  else:
+    num_unmasked = 0 if prob.spec.window_size > 0 else num_diagonal
+  num_extra = (extra_live + tk - 1) // tk if prob.num_extra else 0
+  return num_unmasked, num_diagonal, num_diagonal + num_extra
 
 
 def _loop(lower, upper, body, carry):
@@ -90,7 +97,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
   ping_pong = nw == 2
 
   def kernel(q_ref, k_ref, v_ref, kmeta_ref, xk_ref, xv_ref, xmeta_ref, qpos_ref, coef_ref,
-             o_ref, lse_ref, buffers, barriers):
+             dlive_ref, xlive_ref, o_ref, lse_ref, buffers, barriers):
     q_smem, o_smem, k_smem, v_smem, meta_smem, qpos_smem, coef_smem, lse_smem = buffers
     q_bar, k_bar, v_bar, k_free, v_free, turn = barriers
     tile, head, batch = common.axis("tile"), common.axis("head"), common.axis("batch")
@@ -99,8 +106,9 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
     first_row = (tile % ctas_per_block) * cta_rows
     kv_head = head // prob.groups
     set_idx = block if prob.num_sets > 1 else 0
-    num_unmasked, num_diagonal = diagonal_steps(prob, tiles, first_row)
-    num_steps = num_diagonal + extra_steps
+    num_unmasked, num_diagonal, num_steps = key_steps(
+        prob, tiles, first_row, dlive_ref[batch, kv_head, block],
+        xlive_ref[batch, kv_head, set_idx])
 
     def take_turn():  # the two compute warpgroups alternate softmax and tensor-core work
       plgpu.barrier_arrive(turn)
@@ -174,8 +182,9 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
         pl.when(wg == 1)(take_turn)
       body = functools.partial(step_fn, extra=False, masked=False)
       carry = _loop(0, num_unmasked, body, carry)
-      body = functools.partial(step_fn, extra=False, masked=True)
-      carry = _loop(num_unmasked, num_diagonal, body, carry)
+      if needs_pos:  # otherwise num_unmasked == num_diagonal
+        body = functools.partial(step_fn, extra=False, masked=True)
+        carry = _loop(num_unmasked, num_diagonal, body, carry)
       if extra_steps:
         body = functools.partial(step_fn, extra=True, masked=needs_pos)
         carry = _loop(num_diagonal, num_steps, body, carry)
@@ -230,4 +239,4 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       grid_names=("tile", "head", "batch"), num_threads=nw + 1, thread_name="wg",
       compiler_params=common.compiler_params(interpret), interpret=interpret,
   )(ops["q"], ops["k"], ops["v"], ops["k_meta"], ops["extra_k"], ops["extra_v"],
-    ops["extra_meta"], ops["q_pos"], ops["coef"])
+    ops["extra_meta"], ops["q_pos"], ops["coef"], ops["diag_live"], ops["extra_live"])

@@ -106,7 +106,9 @@ class Operands(dict):
   Keys: ``q [B, Hq, Nq, dk]``, ``k [B, Hk, Nk, dk]``, ``v [B, Hk, Nk, dv]``,
   ``k_meta [B, Hk, R, Nk]``, ``extra_k [B, Hk, E, M, dk]``, ``extra_v [B, Hk, E, M, dv]``,
   ``extra_meta [B, Hk, E, R, M]``, ``q_pos [B, Hq, Nq]`` float32, ``coef [2, 128]`` float32
-  (row 0: ``scale * log2(e)``, row 1: ``scale``, repeated along the row).
+  (row 0: ``scale * log2(e)``, row 1: ``scale``, repeated along the row), ``diag_live
+  [B, Hk, num_blocks]`` and ``extra_live [B, Hk, E]`` int32: how many leading keys of a
+  diagonal block or an extra set may count (the kernels skip the tiles after them).
   """
 
 
@@ -256,7 +258,20 @@ def operands(padded, extra_bias, scale, prob: Problem) -> Operands:
   coef = jnp.stack([jnp.full((128,), scale * LOG2E, f32), jnp.full((128,), scale, f32)])
   return Operands(q=padded["q"], k=padded["k"], v=padded["v"], k_meta=k_meta,
                   extra_k=padded["extra_k"], extra_v=padded["extra_v"], extra_meta=extra_meta,
-                  q_pos=padded["q_pos"].astype(f32), coef=coef)
+                  q_pos=padded["q_pos"].astype(f32), coef=coef,
+                  diag_live=_live_prefix(k_bias, prob.num_blocks),
+                  extra_live=_live_prefix(extra_meta[..., BIAS, :], 1)[..., 0])
+
+
+def _live_prefix(bias, num_groups: int):
+  """Per group of keys on the last axis: 1 + the index of its last key that can count.
+
+  Keys after it never count (their BIAS is ``-inf``), so the kernels stop there: a
+  block of the non-causal local part holds no sink and costs nothing, padding is skipped.
+  """
+  shape = bias.shape[:-1] + (num_groups, bias.shape[-1] // num_groups)
+  index = jnp.arange(1, shape[-1] + 1, dtype=jnp.int32)
+  return jnp.max(jnp.where(bias.reshape(shape) > -jnp.inf, index, 0), axis=-1)
 
 
 def _pad_axis3(x, size: int):
