@@ -74,6 +74,24 @@ def block_attention_for(implementation: str | None):
   return dispatch
 
 
+def _exact_on_hopper(query, key, value, *, is_causal, scale, config, implementation,
+                     key_value_seq_lengths, return_lse):
+  """cuDNN's exact attention on Hopper where the result is exact attention anyway
+  (short inputs) or, with automatic dispatch, below the break-even length; else None."""
+  if implementation not in (None, "mosaic_gpu") or "mosaic_gpu" not in available_implementations():
+    return None
+  from hyperattention_jax.kernels.mosaic_gpu import exact  # pylint: disable=import-outside-toplevel
+  if not exact.cudnn_applies(query, key, value, is_causal=is_causal, scale=scale,
+                             key_value_seq_lengths=key_value_seq_lengths, return_lse=return_lse):
+    return None
+  q_len, kv_len = query.shape[1], key.shape[1]
+  exact_anyway = q_len <= config.min_seq_len or config.block_size >= kv_len
+  if not exact_anyway and not (implementation is None
+                               and exact.prefers_exact(q_len, is_causal=is_causal)):
+    return None
+  return exact.cudnn_attention(query, key, value, is_causal=is_causal, scale=float(scale))
+
+
 @functools.partial(jax.jit, static_argnames=("is_causal", "config", "implementation",
                                              "return_lse"))
 def _hyper_attention(query, key, value, rng, scale, projections, key_value_seq_lengths,
@@ -155,6 +173,12 @@ def hyper_attention(query, key, value, *, rng=None, is_causal=False, scale=None,
   if projections is not None:
     validation.check_projections(projections, query.shape[-1], config.num_projections)
   _check_implementation(implementation)
+  exact_out = _exact_on_hopper(query, key, value, is_causal=bool(is_causal), scale=scale,
+                               config=config, implementation=implementation,
+                               key_value_seq_lengths=key_value_seq_lengths,
+                               return_lse=bool(return_lse))
+  if exact_out is not None:
+    return exact_out
   return _hyper_attention(query, key, value, rng, scale, projections, key_value_seq_lengths,
                           is_causal=bool(is_causal), config=config,
                           implementation=implementation, return_lse=bool(return_lse))

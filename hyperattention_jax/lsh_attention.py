@@ -60,8 +60,18 @@ def make_plan(q, k, k_pos, q_is_padding, sample_u, projections) -> LshPlan:
     sample_u: ``[B, Hk, m]`` uniforms in [0, 1).
     projections: ``[dk, r]`` LSH hyperplanes.
   """
-  q_perm = lsh.sort_permutation(lsh.sort_key(q, projections, q_is_padding))
-  k_perm = lsh.sort_permutation(lsh.sort_key(k, projections, k_pos < 0))
+  return plan_from_sort_keys(lsh.sort_key(q, projections, q_is_padding),
+                             lsh.sort_key(k, projections, k_pos < 0), k_pos, sample_u)
+
+
+def plan_from_sort_keys(q_key, k_key, k_pos, sample_u) -> LshPlan:
+  """``make_plan`` from precomputed sort keys (``lsh.sort_key``, ``[B, H, n]`` int32).
+
+  A row's key depends on the row alone, so the causal recursion hashes every row once
+  and cuts the keys of each level's rectangles out of them.
+  """
+  q_perm = lsh.sort_permutation(q_key)
+  k_perm = lsh.sort_permutation(k_key)
   num_valid = jnp.sum(k_pos >= 0, axis=-1, dtype=jnp.int32)
   sample_idx = sampling.sample_indices(sample_u, num_valid[..., None])
   return LshPlan(q_perm, k_perm, sample_idx, num_valid)

@@ -1,5 +1,7 @@
 """Exact merge of partial attention results over disjoint key sets."""
 
+import functools
+
 import jax.numpy as jnp
 
 
@@ -18,16 +20,30 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
   Returns:
     ``(out [..., n, d] float32, lse [..., n] float32)``.
   """
-  lse_a = lse_a.astype(jnp.float32)
-  lse_b = lse_b.astype(jnp.float32)
-  top = jnp.maximum(lse_a, lse_b)
+  return merge_all((out_a, out_b), (lse_a, lse_b))
+
+
+def merge_all(outs, lses):
+  """``merge_partials`` for any number of results over disjoint key sets, in one pass.
+
+  Merging all pieces at once reads each piece once and writes the result once (the
+  causal recursion merges ``1 + depth`` pieces per row this way).
+
+  Args:
+    outs: sequence of ``[..., n, d]`` outputs (any float dtype).
+    lses: sequence of ``[..., n]`` float32 log-sum-exps, one per output.
+
+  Returns:
+    ``(out [..., n, d] float32, lse [..., n] float32)``.
+  """
+  lses = [lse.astype(jnp.float32) for lse in lses]
+  top = functools.reduce(jnp.maximum, lses)
   top = jnp.where(jnp.isfinite(top), top, 0.0)
-  weight_a = jnp.exp(lse_a - top)
-  weight_b = jnp.exp(lse_b - top)
-  total = weight_a + weight_b
+  weights = [jnp.exp(lse - top) for lse in lses]
+  total = functools.reduce(jnp.add, weights)
   nonempty = total > 0
   safe_total = jnp.where(nonempty, total, 1.0)
   lse = jnp.where(nonempty, top + jnp.log(safe_total), -jnp.inf)
-  out = ((weight_a / safe_total)[..., None] * out_a.astype(jnp.float32)
-         + (weight_b / safe_total)[..., None] * out_b.astype(jnp.float32))
+  out = functools.reduce(jnp.add, [(weight / safe_total)[..., None] * piece.astype(jnp.float32)
+                                   for weight, piece in zip(weights, outs)])
   return out, lse

@@ -10,11 +10,12 @@ batched exact causal call. Row ``i`` merges ``1 + popcount(i // leaf)`` pieces.
 import jax
 import jax.numpy as jnp
 
+from hyperattention_jax import lsh
 from hyperattention_jax import sampling
 from hyperattention_jax.config import HyperAttentionConfig
 from hyperattention_jax.local import local_attention
-from hyperattention_jax.lsh_attention import lsh_attention, make_plan
-from hyperattention_jax.merge import merge_partials
+from hyperattention_jax.lsh_attention import lsh_attention, make_plan, plan_from_sort_keys
+from hyperattention_jax.merge import merge_all, merge_partials
 from hyperattention_jax.util import cdiv, pad_axis
 
 
@@ -96,6 +97,10 @@ def causal_attention(q, k, v, q_pos, k_pos, q_is_padding, *, sample_rng, project
   out, lse = local_attention(q, k, v, q_pos, k_pos, block_size=leaf, causal=True,
                              sink_size=config.sink_size, window_size=config.window_size,
                              scale=scale, block_attention=block_attention)
+  pieces = [(out, lse)]
+  # Every row is hashed once; each level sorts the keys of its rectangles' rows.
+  q_key = lsh.sort_key(q, projections, q_is_padding)
+  k_key = lsh.sort_key(k, projections, k_pos < 0)
   for level in range(1, depth + 1):
     num_rects = 1 << (level - 1)
     level_rng = jax.random.fold_in(sample_rng, level)
@@ -103,14 +108,16 @@ def causal_attention(q, k, v, q_pos, k_pos, q_is_padding, *, sample_rng, project
         jax.random.fold_in(level_rng, r), kv_heads, config.sample_size, kv_head_offset))(
             jnp.arange(num_rects))
     u = jnp.broadcast_to(u, (batch,) + u.shape).reshape(batch * num_rects, kv_heads, -1)
-    rect_q, rect_q_pos, rect_q_pad = (_rectangles(x, 1, num_rects)
-                                      for x in (q, q_pos, q_is_padding))
+    rect_q, rect_q_pos = (_rectangles(x, 1, num_rects) for x in (q, q_pos))
     rect_k, rect_v, rect_k_pos = (_rectangles(x, 0, num_rects) for x in (k, v, k_pos))
-    plan = make_plan(rect_q, rect_k, rect_k_pos, rect_q_pad, u, projections)
+    plan = plan_from_sort_keys(_rectangles(q_key, 1, num_rects), _rectangles(k_key, 0, num_rects),
+                               rect_k_pos, u)
     rect_out, rect_lse = lsh_attention(
         rect_q, rect_k, rect_v, rect_q_pos, rect_k_pos, plan, block_size=config.block_size,
         sink_size=config.sink_size, window_size=config.window_size, scale=scale,
         block_attention=block_attention)
-    out, lse = merge_partials(out, lse, _from_rectangles(rect_out, batch, 0),
-                              _from_rectangles(rect_lse, batch, -jnp.inf))
+    pieces.append((_from_rectangles(rect_out, batch, 0),
+                   _from_rectangles(rect_lse, batch, -jnp.inf)))
+  # One merge of all pieces: each is read once and no float32 intermediate is stored.
+  out, lse = merge_all(*zip(*pieces))
   return out[:, :, :seq_len], lse[:, :, :seq_len]
