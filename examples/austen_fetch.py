@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import tempfile
 
-from examples import austen
+import austen
 
 # The six novels in order of publication, keyed as in the R package.
 NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey",
