@@ -205,9 +205,9 @@ class TinyGgufTest(parameterized.TestCase):
 
 class SlidingWindowTest(parameterized.TestCase):
 
-  # (seq, window, blocks_per_step): one block, a window of one, ragged blocks computed one
-  # and several at a time.
-  @parameterized.parameters((7, 16, 1), (45, 1, 3), (45, 8, 1), (45, 16, 3))
+  # (seq, window, blocks_per_step): one block; a window of one; a ragged last block, with a
+  # last step of fewer blocks (6 blocks, 4 per step); ragged, all blocks in one step.
+  @parameterized.parameters((7, 16, 1), (45, 1, 3), (45, 8, 4), (45, 16, 3))
   def test_matches_dense_masked_attention(self, seq, window, blocks_per_step):
     kq, kk, kv = jax.random.split(fresh_key(), 3)
     q = jax.random.normal(kq, (2, seq, 4, 8))
