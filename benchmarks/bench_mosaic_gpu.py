@@ -28,13 +28,18 @@ _LENGTHS = flags.DEFINE_list("lengths", ["4096", "8192", "16384", "32768", "6553
 _BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
 _HEADS = flags.DEFINE_integer("heads", 32, "Attention heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
-_IMPLS = flags.DEFINE_list("implementations", ["mosaic_gpu", "xla", "cudnn"],
-                           "What to time: hyper_attention implementations and/or 'cudnn'.")
+_IMPLS = flags.DEFINE_list(
+    "implementations", ["auto", "xla", "cudnn"],
+    "What to time: 'auto' (hyper_attention's default dispatch: the Mosaic GPU kernels on "
+    "Hopper, exact cuDNN below the break-even length), 'mosaic_gpu' (the kernels at every "
+    "length above min_seq_len), 'xla' (the pure-JAX reference), 'cudnn' (exact attention).")
 _PASSES = flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "Passes to time.")
 _CAUSAL = flags.DEFINE_list("causal", ["false", "true"], "Causal settings.")
 _REPS = flags.DEFINE_integer("reps", 10, "Timed repetitions (fewer for slow points).")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 6.0, "Time budget per measured point.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "Directory for results.json, table.md, plot.png.")
+_REPORT = flags.DEFINE_list("report", [], "Measure nothing: merge these results.json files "
+                            "into a table and a plot in --out_dir.")
 
 
 def attention_fn(impl, causal):
@@ -43,7 +48,7 @@ def attention_fn(impl, causal):
     return functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                              implementation="cudnn")
   return functools.partial(ha.hyper_attention, rng=jax.random.key(0), is_causal=causal,
-                           implementation=impl)
+                           implementation=None if impl == "auto" else impl)
 
 
 def fwd_bwd_fn(attend):
@@ -89,37 +94,42 @@ def measure_point(n, causal, results):
       if pass_name == "fwd" and impl != "cudnn" and exact_out is not None:
         row["rel_error_vs_exact"] = relative_error(out, exact_out)
       results.append(row)
+      if _OUT_DIR.value:  # keep what was measured even if a later point is cut short
+        os.makedirs(_OUT_DIR.value, exist_ok=True)
+        with open(os.path.join(_OUT_DIR.value, "results.json"), "w", encoding="utf-8") as f:
+          json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                         results=results), f, indent=1)
       err = f" rel.err {row['rel_error_vs_exact']:.3f}" if "rel_error_vs_exact" in row else ""
       print(f"{label} {ms:10.3f} ms  (first call {first:5.1f} s){err}", flush=True)
 
 
 def table(results):
-  """Markdown table: one row per (n, causal, pass), speedups against cuDNN."""
+  """Markdown table: one row per (n, causal, pass); times, speedups and errors per impl."""
+  impls = [i for i in dict.fromkeys(r["impl"] for r in results) if i != "cudnn"]
   lookup = {(r["n"], r["causal"], r["pass_name"], r["impl"]): r for r in results}
-  lines = ["| n | causal | pass | cuDNN ms | mosaic_gpu ms | xla ms | mosaic_gpu speedup | "
-           "xla speedup | rel. error mosaic_gpu | rel. error xla |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-  keys = sorted({(r["n"], r["causal"], r["pass_name"]) for r in results})
-  for n, causal, pass_name in keys:
+  header = (["n", "causal", "pass", "cuDNN ms"] + [f"{i} ms" for i in impls]
+            + [f"{i} speedup" for i in impls] + [f"{i} rel. error" for i in impls])
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for n, causal, pass_name in sorted({(r["n"], r["causal"], r["pass_name"]) for r in results}):
     get = lambda impl, n=n, c=causal, p=pass_name: lookup.get((n, c, p, impl))
-    cudnn, mosaic, xla = get("cudnn"), get("mosaic_gpu"), get("xla")
-    fmt = lambda r: f"{r['ms']:.2f}" if r else "-"
-    speed = lambda r: (f"{cudnn['ms'] / r['ms']:.1f}x" if r and cudnn else "-")
-    error = lambda r: (f"{r['rel_error_vs_exact']:.3f}" if r and "rel_error_vs_exact" in r
-                       else "-")
-    lines.append(f"| {n} | {causal} | {pass_name} | {fmt(cudnn)} | {fmt(mosaic)} | {fmt(xla)} | "
-                 f"{speed(mosaic)} | {speed(xla)} | {error(mosaic)} | {error(xla)} |")
+    cudnn = get("cudnn")
+    cells = [str(n), str(causal), pass_name, f"{cudnn['ms']:.2f}" if cudnn else "-"]
+    cells += [f"{get(i)['ms']:.2f}" if get(i) else "-" for i in impls]
+    cells += [f"{cudnn['ms'] / get(i)['ms']:.1f}x" if get(i) and cudnn else "-" for i in impls]
+    cells += [f"{get(i)['rel_error_vs_exact']:.3f}"
+              if get(i) and "rel_error_vs_exact" in get(i) else "-" for i in impls]
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def plot(results, path):
+def plot(results, path, device):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   combos = sorted({(r["causal"], r["pass_name"]) for r in results})
   fig, axes = plt.subplots(1, len(combos), figsize=(4.5 * len(combos), 4), squeeze=False)
   for ax, (causal, pass_name) in zip(axes[0], combos):
-    for impl in _IMPLS.value:
+    for impl in dict.fromkeys(r["impl"] for r in results):
       rows = sorted((r for r in results if r["impl"] == impl and r["causal"] == causal
                      and r["pass_name"] == pass_name), key=lambda r: r["n"])
       if rows:
@@ -131,7 +141,7 @@ def plot(results, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
   fig.suptitle(f"B={_BATCH.value}, {_HEADS.value} heads, head_dim {_HEAD_DIM.value}, bf16, "
-               f"{jax.devices()[0].device_kind}")
+               f"{device}")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
@@ -141,18 +151,25 @@ def main(argv):
   print(f"jax {jax.__version__}; {jax.devices()[0].device_kind}; "
         f"implementations available: {ha.available_implementations()}", flush=True)
   results = []
-  for n in map(int, _LENGTHS.value):
-    for causal in (c.lower() == "true" for c in _CAUSAL.value):
-      measure_point(n, causal, results)
+  device = jax.devices()[0].device_kind
+  if _REPORT.value:
+    for path in _REPORT.value:
+      with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+      results += data["results"]
+      device = data["device"]
+  else:
+    for n in map(int, _LENGTHS.value):
+      for causal in (c.lower() == "true" for c in _CAUSAL.value):
+        measure_point(n, causal, results)
   print("\n" + table(results), flush=True)
   if _OUT_DIR.value:
     os.makedirs(_OUT_DIR.value, exist_ok=True)
     with open(os.path.join(_OUT_DIR.value, "results.json"), "w", encoding="utf-8") as f:
-      json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                     results=results), f, indent=1)
+      json.dump(dict(device=device, jax=jax.__version__, results=results), f, indent=1)
     with open(os.path.join(_OUT_DIR.value, "table.md"), "w", encoding="utf-8") as f:
       f.write(table(results) + "\n")
-    plot(results, os.path.join(_OUT_DIR.value, "plot.png"))
+    plot(results, os.path.join(_OUT_DIR.value, "plot.png"), device)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ def _padded_attention_bwd(static, residuals, cotangents):
 
   dq, dscale_rows, dbias_rows = backward.dq(ops, d_out, q_meta, prob, static.dq_tiles,
                                             interpret=static.interpret)
-  chunks = backward.extra_chunks(prob, static.dkv_tiles)
+  # The interpreter runs CTAs one after another: two ranges still test the split.
+  chunks = backward.extra_chunks(prob, static.dkv_tiles,
+                                 target_ctas=2 if static.interpret is not None else 264)
   dk, dv, dk_extra, dv_extra = backward.dkv(ops, d_out, q_meta, prob, static.dkv_tiles,
                                             chunks=chunks, interpret=static.interpret)
   # Fixed-order sums of the partial results: the gradient is deterministic.

@@ -194,7 +194,10 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
 
 
 def extra_chunks(prob: Problem, tiles: common.Tiles, target_ctas: int = 264) -> int:
-  """Query ranges that split the dk/dv work of one shared extra set (1 for per-block sets)."""
+  """Query ranges that split the dk/dv work of one shared extra set (1 for per-block sets).
+
+  ``target_ctas`` (about two CTAs per multiprocessor of an H100/H200) bounds the split.
+  """
   if prob.num_sets > 1 or not prob.num_extra:
     return 1
   query_tiles = prob.q_len // tiles.query_tile

@@ -1,0 +1,277 @@
+"""Tests of the Mosaic GPU kernels of the core primitive.
+
+On the CPU the kernels run in Pallas' GPU interpreter (``plgpu.InterpretGPUParams``), which
+simulates the warpgroups, shared memory, bulk copies and barriers (a barrier phase nobody
+waits for is an error). Each case runs the forward and the VJP (with an lse cotangent) of
+the kernels and of ``core.block_attention`` on fresh random inputs. The lowering test runs
+the whole Pallas-to-Mosaic-GPU lowering for a Hopper target (layout inference, wgmma and
+bulk-copy checks), which needs no GPU. ``benchmarks/check_mosaic_gpu.py`` repeats the
+comparisons at real shapes on a Hopper GPU.
+"""
+
+import functools
+import zlib
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import jax
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+import numpy as np
+
+from hyperattention_jax import api
+from hyperattention_jax import core
+from hyperattention_jax.kernels import REGISTRY
+from hyperattention_jax.kernels import mosaic_gpu
+from hyperattention_jax.kernels.mosaic_gpu import exact
+from hyperattention_jax.kernels.mosaic_gpu import layout
+
+_CASES = (
+    # An LSH piece of cross-attention (query and key blocks differ and are not multiples
+    # of the tiles): shuffled positions, padding keys, one shared sampled set (not a
+    # multiple of the tile either, its dk/dv split in two query ranges) with same-block
+    # exclusion and a bias, the sinks left out, GQA, value dim != key dim.
+    dict(testcase_name="lsh_piece_bf16_gqa", batch=1, q_heads=2, kv_heads=1, num_blocks=2,
+         block_q=100, block_k=120, dk=128, dv=64, num_extra=70, per_block=False,
+         dtype=jnp.bfloat16, same_delta=True,
+         spec=dict(diagonal_keys=core.NONLOCAL, extra_keys=core.NONLOCAL, sink_size=3)),
+    # A causal leaf of 200 rows (two query tiles, padded to 256): the key tile above the
+    # diagonal skipped, padding queries (position -1: nothing counts), sinks and window
+    # overhang with a query-dependent mask, float16.
+    dict(testcase_name="causal_leaf_fp16", batch=1, q_heads=1, kv_heads=1, num_blocks=1,
+         block_q=200, block_k=200, dk=64, dv=64, num_extra=20, per_block=True,
+         dtype=jnp.float16, causal=True,
+         spec=dict(causal=True, extra_keys=core.LOCAL, sink_size=2, window_size=12)),
+    # The non-causal exact local part with no window: only the sinks count, so the
+    # diagonal tiles of blocks without a sink are skipped; one extra set per block.
+    dict(testcase_name="local_sinks_bf16", batch=1, q_heads=1, kv_heads=1, num_blocks=2,
+         block_q=64, block_k=64, dk=64, dv=64, num_extra=4, per_block=True,
+         dtype=jnp.bfloat16, sinks=True,
+         spec=dict(diagonal_keys=core.LOCAL, extra_keys=core.LOCAL, sink_size=4)),
+)
+
+
+def _seed(name: str) -> int:
+  return zlib.crc32(name.encode())
+
+
+def random_inputs(seed, *, batch, q_heads, kv_heads, num_blocks, block_q, block_k, dk, dv,
+                  num_extra, per_block, dtype, causal=False, sinks=False):
+  """Random arguments of the core primitive (none zero), as the callers build them."""
+  rng = np.random.default_rng(seed)
+  nq, nk = num_blocks * block_q, num_blocks * block_k
+  sets = num_blocks if per_block else 1
+  if causal or sinks:  # rows in original order
+    q_pos = np.broadcast_to(np.arange(nq), (batch, q_heads, nq)).copy()
+    k_pos = np.broadcast_to(np.arange(nk), (batch, kv_heads, nk)).copy()
+    if causal:  # the last rows are padding, as the causal recursion pads them
+      q_pos[..., nq - 5:] = -1
+      k_pos[..., nk - 7:] = -1
+  else:
+    q_pos = np.stack([[rng.permutation(nq) for _ in range(q_heads)] for _ in range(batch)])
+    k_pos = np.stack([[rng.permutation(nk) for _ in range(kv_heads)] for _ in range(batch)])
+    k_pos = np.where(rng.random(k_pos.shape) < 0.15, -1, k_pos)
+  if sinks:  # block b's extra set: the sinks, unused where they lie in block b itself
+    starts = np.arange(sets)[:, None] * block_k
+    extra_pos = np.broadcast_to(np.arange(num_extra), (sets, num_extra))
+    extra_pos = np.where(extra_pos >= starts, -1, extra_pos)
+    extra_pos = np.broadcast_to(extra_pos, (batch, kv_heads, sets, num_extra))
+  elif causal:  # sinks and positions shortly before the block
+    starts = np.arange(sets)[:, None] * block_k
+    extra_pos = starts - rng.integers(1, 3 * num_extra, size=(batch, kv_heads, sets, num_extra))
+    extra_pos = np.where(extra_pos < 0, rng.integers(0, 2, size=extra_pos.shape), extra_pos)
+  else:
+    extra_pos = rng.integers(-1, nk, size=(batch, kv_heads, sets, num_extra))
+  if per_block:
+    extra_block = np.full(extra_pos.shape, -1)
+  else:
+    extra_block = rng.integers(0, num_blocks, size=extra_pos.shape)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
+  return dict(
+      q=normal(batch, q_heads, nq, dk), k=normal(batch, kv_heads, nk, dk),
+      v=normal(batch, kv_heads, nk, dv), q_pos=jnp.asarray(q_pos, jnp.int32),
+      k_pos=jnp.asarray(k_pos, jnp.int32), extra_k=normal(batch, kv_heads, sets, num_extra, dk),
+      extra_v=normal(batch, kv_heads, sets, num_extra, dv),
+      extra_pos=jnp.asarray(extra_pos, jnp.int32),
+      extra_block=jnp.asarray(extra_block, jnp.int32),
+      extra_bias=jnp.asarray(rng.normal(size=(batch,)) + 1.0, jnp.float32))
+
+
+_DIFFERENTIABLE = ("q", "k", "v", "extra_k", "extra_v", "extra_bias")
+
+
+def forward_and_vjp(block_attention, inputs, spec, scale, seed, lse_shift=None):
+  """A jitted ``() -> ((o, lse), (grads, d_scale), d_out)`` under random cotangents."""
+  fixed = {name: x for name, x in inputs.items() if name not in _DIFFERENTIABLE}
+  rng = np.random.default_rng(seed + 1)
+
+  @jax.jit
+  def run(diff, scale):
+    attend = lambda diff, scale: block_attention(**diff, **fixed, spec=spec, scale=scale)
+    (out, lse), vjp = jax.vjp(attend, diff, scale)
+    d_out = jnp.asarray(rng.normal(size=out.shape), out.dtype)
+    d_lse = jnp.asarray(rng.normal(size=lse.shape), jnp.float32)
+    if lse_shift is not None:
+      d_lse = d_lse + lse_shift
+    return (out, lse), vjp((d_out, d_lse)), d_out
+
+  diff = {name: inputs[name] for name in _DIFFERENTIABLE}
+  return functools.partial(run, diff, jnp.float32(scale))
+
+
+def _relative(x, ref):
+  """Error relative to the tensor's scale (gradients are sums of many products)."""
+  ref = np.asarray(ref, np.float32)
+  return np.asarray(x, np.float32) / (1.0 + np.max(np.abs(ref), initial=0.0)), ref / (
+      1.0 + np.max(np.abs(ref), initial=0.0))
+
+
+class MosaicGpuKernelTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(*_CASES)
+  def test_matches_reference(self, *, spec, dtype, causal=False, sinks=False, same_delta=False,
+                             **shape):
+    seed = _seed(self._testMethodName)
+    inputs = random_inputs(seed, dtype=dtype, causal=causal, sinks=sinks, **shape)
+    spec = core.BlockSpec(block_q=shape["block_q"], block_k=shape["block_k"], **spec)
+    scale = 0.9 / np.sqrt(shape["dk"])
+    kernel = functools.partial(mosaic_gpu.block_attention, interpret=plgpu.InterpretGPUParams())
+    run = forward_and_vjp(kernel, inputs, spec, scale, seed)
+    (out, lse), (grads, d_scale), d_out = run()
+    (ref_out, ref_lse), (ref_grads, ref_d_scale), _ = forward_and_vjp(
+        core.block_attention, inputs, spec, scale, seed)()
+
+    tol = 2e-2
+    chex.assert_trees_all_equal_shapes_and_dtypes((out, lse, grads), (ref_out, ref_lse, ref_grads))
+    chex.assert_trees_all_equal(jnp.isfinite(lse), jnp.isfinite(ref_lse))
+    self.assertTrue(np.any(np.isfinite(np.asarray(lse))))
+    chex.assert_trees_all_close(out, ref_out, atol=tol, rtol=tol)
+    chex.assert_trees_all_close(lse, ref_lse, atol=tol, rtol=tol)
+    chex.assert_tree_all_finite((grads, d_scale))
+    for name in _DIFFERENTIABLE:
+      with self.subTest(name):
+        chex.assert_trees_all_close(*_relative(grads[name], ref_grads[name]), atol=2 * tol,
+                                    rtol=0)
+    chex.assert_trees_all_close(d_scale, ref_d_scale, atol=2 * tol * (1 + abs(ref_d_scale)),
+                                rtol=0)
+
+    if sinks:  # fixed-order sums only: a second run gives the same bits
+      chex.assert_trees_all_equal(((out, lse), (grads, d_scale)), run()[:2])
+    if not same_delta:
+      return
+    # As FlashAttention does, the backward takes delta = rowsum(dO * o) from the stored
+    # 16-bit o. Against a reference differentiated with that same delta (its lse cotangent
+    # shifted by rowsum(dO * (o_f32 - o))), even the scale and bias gradients, sums over all
+    # rows that mostly cancel, agree to float32 rounding.
+    upcast = {n: x.astype(jnp.float32) if x.dtype == dtype else x for n, x in inputs.items()}
+    out32 = core.block_attention(**upcast, spec=spec, scale=scale)[0]
+    shift = jnp.sum(d_out.astype(jnp.float32) * (out32 - out.astype(jnp.float32)), axis=-1)
+    (_, _), (same_grads, same_d_scale), _ = forward_and_vjp(
+        core.block_attention, inputs, spec, scale, seed, lse_shift=shift)()
+    chex.assert_trees_all_close(*_relative(grads["extra_bias"], same_grads["extra_bias"]),
+                                atol=1e-4, rtol=0)
+    chex.assert_trees_all_close(d_scale, same_d_scale, atol=1e-4 * (1 + abs(same_d_scale)),
+                                rtol=0)
+
+  def test_forward_without_extras(self):
+    """A call with no extra keys at all (an LSH piece that is a single block)."""
+    seed = _seed(self._testMethodName)
+    inputs = random_inputs(seed, batch=1, q_heads=1, kv_heads=1, num_blocks=1, block_q=128,
+                           block_k=128, dk=64, dv=64, num_extra=0, per_block=False,
+                           dtype=jnp.bfloat16)
+    spec = core.BlockSpec(block_q=128, block_k=128, diagonal_keys=core.NONLOCAL, sink_size=2)
+    out = mosaic_gpu.block_attention(**inputs, spec=spec, scale=0.125,
+                                     interpret=plgpu.InterpretGPUParams())
+    chex.assert_trees_all_close(out, core.block_attention(**inputs, spec=spec, scale=0.125),
+                                atol=2e-2, rtol=2e-2)
+
+
+class MosaicGpuLoweringTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      # An LSH piece at the default block and sample sizes, bf16, head_dim 128, GQA.
+      dict(testcase_name="lsh_bf16_d128", dtype=jnp.bfloat16, head_dim=128, block=256,
+           num_blocks=2, num_extra=256, per_block=False, causal=False),
+      # Causal leaves with sinks and a window, float16, head_dim 256 (one compute
+      # warpgroup in the backward kernels), a leaf that is not a multiple of the tiles.
+      dict(testcase_name="leaf_fp16_d256", dtype=jnp.float16, head_dim=256, block=300,
+           num_blocks=2, num_extra=40, per_block=True, causal=True),
+  )
+  def test_lowers_for_hopper(self, *, dtype, head_dim, block, num_blocks, num_extra,
+                             per_block, causal):
+    """Forward and backward lower through Mosaic GPU for sm_90 (no GPU needed)."""
+    inputs = random_inputs(_seed(self._testMethodName), batch=1, q_heads=4, kv_heads=2,
+                           num_blocks=num_blocks, block_q=block, block_k=block, dk=head_dim,
+                           dv=head_dim, num_extra=num_extra, per_block=per_block, dtype=dtype,
+                           causal=causal)
+    spec = core.BlockSpec(block_q=block, block_k=block, causal=causal,
+                          extra_keys=core.LOCAL if per_block else core.NONLOCAL,
+                          diagonal_keys=core.ALL if causal else core.NONLOCAL, sink_size=4,
+                          window_size=32 if per_block else 0)
+    fixed = {name: x for name, x in inputs.items() if name not in _DIFFERENTIABLE}
+
+    def loss(diff, scale):
+      out, lse = mosaic_gpu.block_attention(**diff, **fixed, spec=spec, scale=scale)
+      return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+    diff = {name: inputs[name] for name in _DIFFERENTIABLE}
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(
+        diff, jnp.float32(0.1)).lower(lowering_platforms=("cuda",)).as_text()
+    # The forward, dq and dk/dv kernels.
+    self.assertEqual(text.count("custom_call @mosaic_gpu"), 3)
+
+
+class MosaicGpuBackendTest(parameterized.TestCase):
+
+  def test_registered_for_hopper_only(self):
+    backend = REGISTRY["mosaic_gpu"]
+    self.assertIs(backend.block_attention, mosaic_gpu.block_attention)
+    for name in ("cpu", "tpu"):
+      self.assertFalse(backend.is_available(name))
+    self.assertIn("Hopper", backend.requirement)
+    self.assertNotIn("mosaic_gpu", api.available_implementations("cpu"))
+
+  @parameterized.named_parameters(
+      dict(testcase_name="float32", dtype=jnp.float32, head_dim=64),
+      dict(testcase_name="head_dim_96", dtype=jnp.bfloat16, head_dim=96),
+  )
+  def test_unsupported_calls_fall_back(self, dtype, head_dim):
+    inputs = random_inputs(_seed(self._testMethodName), batch=1, q_heads=1, kv_heads=1,
+                           num_blocks=2, block_q=8, block_k=8, dk=head_dim, dv=head_dim,
+                           num_extra=4, per_block=False, dtype=dtype)
+    spec = core.BlockSpec(block_q=8, block_k=8)
+    with self.assertRaises(NotImplementedError):
+      mosaic_gpu.block_attention(**inputs, spec=spec, scale=1.0,
+                                 interpret=plgpu.InterpretGPUParams())
+    # The dispatcher's fallback is the reference itself.
+    original = dict(REGISTRY)
+    try:
+      REGISTRY["mosaic_gpu"] = REGISTRY["mosaic_gpu"]._replace(is_available=lambda _: True)
+      dispatch = api.block_attention_for(None)
+      chex.assert_trees_all_close(dispatch(**inputs, spec=spec, scale=1.0),
+                                  core.block_attention(**inputs, spec=spec, scale=1.0))
+    finally:
+      REGISTRY.clear()
+      REGISTRY.update(original)
+
+  def test_live_prefix(self):
+    """Key tiles after the last key that can count are skipped, per block."""
+    bias = jnp.array([[[0.0, -jnp.inf, 0.0, -jnp.inf, -jnp.inf, -jnp.inf, -jnp.inf, 5.0]]])
+    np.testing.assert_array_equal(layout._live_prefix(bias, 2), [[[3, 4]]])  # pylint: disable=protected-access
+    np.testing.assert_array_equal(layout._live_prefix(bias, 4), [[[1, 1, 0, 2]]])  # pylint: disable=protected-access
+
+  def test_exact_path_conditions(self):
+    q = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)
+    kwargs = dict(is_causal=True, scale=0.125, key_value_seq_lengths=None, return_lse=False)
+    self.assertTrue(exact.cudnn_applies(q, q, q, **kwargs))
+    self.assertFalse(exact.cudnn_applies(q, q, q, **{**kwargs, "return_lse": True}))
+    self.assertFalse(exact.cudnn_applies(q.astype(jnp.float32), q.astype(jnp.float32),
+                                         q.astype(jnp.float32), **kwargs))
+    self.assertFalse(exact.cudnn_applies(q, q, q, **{**kwargs, "key_value_seq_lengths": [3]}))
+    self.assertTrue(exact.prefers_exact(8192, is_causal=True))
+    self.assertFalse(exact.prefers_exact(1 << 17, is_causal=False))
+
+
+if __name__ == "__main__":
+  absltest.main()
