@@ -181,7 +181,8 @@ class SubprocessTest(absltest.TestCase):
   def test_eight_device_classes(self):
     if jax.device_count() >= NUM_DEVICES:
       self.skipTest("this process has the devices: the checks run here directly")
-    env = dict(os.environ, XLA_FLAGS=CHILD_XLA_FLAGS, JAX_PLATFORMS="cpu")
+    flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), CHILD_XLA_FLAGS]))
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     children = {
