@@ -194,7 +194,8 @@ def main(argv):
     # move a row across an LSH hyperplane in the next layer, so allow more than rounding.
     assert abs(float(loss) - float(want_loss)) < 1e-4 * max(1.0, abs(float(want_loss)))
 
-  print(f"activations placed as {activation_spec(batch_axis='data', seq_axis='seq')}")
+  spec = activation_spec(batch_axis="data", seq_axis="seq", head_axis="heads")
+  print(f"attention inputs [batch, seq, heads, head_dim] split as {spec}")
   start = time.perf_counter()
   for step in range(_STEPS.value):
     params, opt_state, loss = train_step(params, opt_state, batch_at(step),
