@@ -258,8 +258,8 @@ class MosaicGpuBackendTest(parameterized.TestCase):
   def test_live_prefix(self):
     """Key tiles after the last key that can count are skipped, per block."""
     bias = jnp.array([[[0.0, -jnp.inf, 0.0, -jnp.inf, -jnp.inf, -jnp.inf, -jnp.inf, 5.0]]])
-    np.testing.assert_array_equal(layout._live_prefix(bias, 2), [[[3, 4]]])  # pylint: disable=protected-access
-    np.testing.assert_array_equal(layout._live_prefix(bias, 4), [[[1, 1, 0, 2]]])  # pylint: disable=protected-access
+    np.testing.assert_array_equal(layout.live_prefix(bias, 2), [[[3, 4]]])
+    np.testing.assert_array_equal(layout.live_prefix(bias, 4), [[[1, 1, 0, 2]]])
 
   def test_exact_path_conditions(self):
     q = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)

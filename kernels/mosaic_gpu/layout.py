@@ -259,11 +259,11 @@ def operands(padded, extra_bias, scale, prob: Problem) -> Operands:
   return Operands(q=padded["q"], k=padded["k"], v=padded["v"], k_meta=k_meta,
                   extra_k=padded["extra_k"], extra_v=padded["extra_v"], extra_meta=extra_meta,
                   q_pos=padded["q_pos"].astype(f32), coef=coef,
-                  diag_live=_live_prefix(k_bias, prob.num_blocks),
-                  extra_live=_live_prefix(extra_meta[..., BIAS, :], 1)[..., 0])
+                  diag_live=live_prefix(k_bias, prob.num_blocks),
+                  extra_live=live_prefix(extra_meta[..., BIAS, :], 1)[..., 0])
 
 
-def _live_prefix(bias, num_groups: int):
+def live_prefix(bias, num_groups: int):
   """Per group of keys on the last axis: 1 + the index of its last key that can count.
 
   Keys after it never count (their BIAS is ``-inf``), so the kernels stop there: a
