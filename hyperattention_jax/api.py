@@ -6,6 +6,10 @@ import jax
 import jax.numpy as jnp
 
 from hyperattention_jax import core
+# Imported with the package, never first inside a trace: the kernel modules register JAX
+# config options, which would otherwise change the jit cache key between a user's first
+# and second call and compile their function twice.
+from hyperattention_jax import kernels
 from hyperattention_jax import lsh
 from hyperattention_jax import validation
 from hyperattention_jax.config import HyperAttentionConfig
@@ -21,7 +25,6 @@ _SAMPLE_STREAM = 1
 
 
 def _kernel_registry():
-  from hyperattention_jax import kernels  # pylint: disable=import-outside-toplevel
   return kernels.REGISTRY
 
 
