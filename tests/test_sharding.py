@@ -3,7 +3,8 @@
 XLA fixes the number of CPU devices when JAX starts, so the checks that need 8 devices
 run in child processes started with ``XLA_FLAGS``; under a plain ``pytest tests/`` the
 parent process only starts them (one per test class, in parallel) and reports their
-outcome, and the 8-device classes show as skipped. To run the checks directly:
+outcome; the 8-device classes are defined only in a process that has the devices. To run
+the checks directly:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 PYTHONPATH=. python3 tests/test_sharding.py
 """
@@ -62,13 +63,7 @@ def _loss_and_grads(attention, q, k, v, out_cot, lse_cot):
 
 
 class _EightDeviceTest(parameterized.TestCase):
-  """Checks that need NUM_DEVICES devices; skipped in a process that has fewer."""
-
-  def setUp(self):
-    super().setUp()
-    if jax.device_count() < NUM_DEVICES:
-      self.skipTest(f"needs {NUM_DEVICES} devices (run in a child process by "
-                    "SubprocessTest)")
+  """Checks that need NUM_DEVICES devices (run in a child process by SubprocessTest)."""
 
   def check_against_unsharded(self, *, mesh, num_kv_heads, is_causal, lengths=None, **axes):
     seed = time.time_ns() % 2**32
@@ -179,8 +174,6 @@ class SubprocessTest(absltest.TestCase):
   """Runs each 8-device class in a child process whose XLA has 8 CPU devices."""
 
   def test_eight_device_classes(self):
-    if jax.device_count() >= NUM_DEVICES:
-      self.skipTest("this process has the devices: the checks run here directly")
     flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), CHILD_XLA_FLAGS]))
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,6 +188,13 @@ class SubprocessTest(absltest.TestCase):
       self.assertEqual(child.returncode, 0, f"{name} failed in the child:\n{output[-6000:]}")
       self.assertNotIn("skipped", output.lower(), f"{name} was skipped in the child:\n{output}")
 
+
+# Each process collects only what it can run: the checks themselves where there are
+# NUM_DEVICES devices, otherwise the test that runs them in children.
+if jax.device_count() < NUM_DEVICES:
+  del NonCausalShardingTest, CausalShardingTest, ShardingErrorsTest
+else:
+  del SubprocessTest
 
 if __name__ == "__main__":
   absltest.main()
