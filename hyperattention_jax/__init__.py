@@ -14,12 +14,15 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")):
 from hyperattention_jax.api import available_implementations, hyper_attention
 from hyperattention_jax.config import HyperAttentionConfig
 from hyperattention_jax.exact import exact_attention
+from hyperattention_jax.sharding import activation_spec, sharded_hyper_attention
 
 __all__ = [
     "HyperAttentionConfig",
+    "activation_spec",
     "available_implementations",
     "exact_attention",
     "hyper_attention",
+    "sharded_hyper_attention",
 ]
 
 __version__ = "0.1.0"
