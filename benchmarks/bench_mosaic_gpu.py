@@ -1,9 +1,13 @@
-r"""hyper_attention (mosaic_gpu and xla) against exact cuDNN attention on one GPU.
+r"""hyper_attention against fast exact attention on one accelerator.
 
 For every length, causal setting and pass (forward; forward+backward) the script prints the
-median wall time of each implementation, the speedup of hyper_attention over cuDNN, and
-the relative error ``||o - o_exact|| / ||o_exact||`` of hyper_attention's output against
-cuDNN's. It writes a JSON file, a markdown table and a PNG plot of time against length.
+median wall time of each implementation, the speedup of hyper_attention over exact
+attention, and the relative error ``||o - o_exact|| / ||o_exact||`` of hyper_attention's
+output. It writes a JSON file, a markdown table and a PNG plot of time against length.
+
+The exact baseline follows the backend: cuDNN's fused attention on a GPU, JAX's Pallas
+flash attention on a TPU, ``exact_attention`` elsewhere; "auto" is hyper_attention's own
+choice of implementation, so the script runs unchanged on a GPU or a TPU.
 
   PYTHONPATH=. python3 benchmarks/bench_mosaic_gpu.py --out_dir=/tmp/bench
 """
@@ -28,10 +32,32 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
 _HEADS = flags.DEFINE_integer("heads", 32, "Attention heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
 _IMPLS = flags.DEFINE_list(
-    "implementations", ["auto", "xla", "cudnn"],
+    "implementations", ["auto", "xla", "exact"],
     "What to time: 'auto' (hyper_attention's default dispatch: the Mosaic GPU kernels on "
-    "Hopper, exact cuDNN below the break-even length), 'mosaic_gpu' (the kernels at every "
-    "length above min_seq_len), 'xla' (the pure-JAX reference), 'cudnn' (exact attention).")
+    "Hopper, exact cuDNN below the break-even length; the Mosaic TPU kernels on a TPU), "
+    "'mosaic_gpu' / 'mosaic_tpu' (the kernels at every length above min_seq_len), 'xla' "
+    "(the pure-JAX reference), 'exact' (the backend's fast exact attention; 'cudnn' is its "
+    "name on a GPU).")
+
+# Names of the exact baseline in results (older result files call it "cudnn").
+EXACT = ("exact", "cudnn")
+
+
+def exact_attention_fn(causal):
+  """The backend's fastest exact attention, ``(q, k, v) -> o`` in ``[batch, seq, heads, dim]``."""
+  backend = jax.default_backend()
+  if backend == "gpu":
+    return functools.partial(jax.nn.dot_product_attention, is_causal=causal,
+                             implementation="cudnn")
+  if backend == "tpu":
+    from jax.experimental.pallas.ops.tpu import flash_attention  # pylint: disable=import-outside-toplevel
+
+    def tpu_flash(q, k, v):
+      swap = lambda x: jnp.swapaxes(x, 1, 2)  # the op's layout is [batch, heads, seq, dim]
+      return swap(flash_attention.flash_attention(swap(q), swap(k), swap(v), causal=causal,
+                                                  sm_scale=q.shape[-1]**-0.5))
+    return tpu_flash
+  return functools.partial(ha.exact_attention, is_causal=causal)
 _PASSES = flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "Passes to time.")
 _CAUSAL = flags.DEFINE_list("causal", ["false", "true"], "Causal settings.")
 _REPS = flags.DEFINE_integer("reps", 10, "Timed repetitions (fewer for slow points).")
@@ -43,9 +69,8 @@ _REPORT = flags.DEFINE_list("report", [], "Measure nothing: merge these results.
 
 def attention_fn(impl, causal):
   """``(q, k, v) -> o`` in ``[batch, seq, heads, dim]``."""
-  if impl == "cudnn":
-    return functools.partial(jax.nn.dot_product_attention, is_causal=causal,
-                             implementation="cudnn")
+  if impl in EXACT:
+    return exact_attention_fn(causal)
   return functools.partial(ha.hyper_attention, rng=jax.random.key(0), is_causal=causal,
                            implementation=None if impl == "auto" else impl)
 
@@ -67,8 +92,8 @@ def measure_point(n, causal, results):
   q, k, v, d_out = (jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16)
                     for key in keys)
   exact_out = None
-  if "cudnn" in _IMPLS.value:
-    exact_out = jax.jit(attention_fn("cudnn", causal))(q, k, v)
+  if any(impl in EXACT for impl in _IMPLS.value):
+    exact_out = jax.jit(exact_attention_fn(causal))(q, k, v)
   for impl in _IMPLS.value:
     for pass_name in _PASSES.value:
       label = f"n={n:6d} causal={causal!s:5s} {pass_name:7s} {impl:10s}"
@@ -90,7 +115,7 @@ def measure_point(n, causal, results):
         continue
       row = dict(n=n, causal=causal, pass_name=pass_name, impl=impl, ms=ms,
                  first_call_s=first)
-      if pass_name == "fwd" and impl != "cudnn" and exact_out is not None:
+      if pass_name == "fwd" and impl not in EXACT and exact_out is not None:
         row["rel_error_vs_exact"] = relative_error(out, exact_out)
       results.append(row)
       if _OUT_DIR.value:  # keep what was measured even if a later point is cut short
@@ -104,17 +129,18 @@ def measure_point(n, causal, results):
 
 def table(results):
   """Markdown table: one row per (n, causal, pass); times, speedups and errors per impl."""
-  impls = [i for i in dict.fromkeys(r["impl"] for r in results) if i != "cudnn"]
+  impls = [i for i in dict.fromkeys(r["impl"] for r in results) if i not in EXACT]
   lookup = {(r["n"], r["causal"], r["pass_name"], r["impl"]): r for r in results}
-  header = (["n", "causal", "pass", "cuDNN ms"] + [f"{i} ms" for i in impls]
+  header = (["n", "causal", "pass", "exact ms"] + [f"{i} ms" for i in impls]
             + [f"{i} speedup" for i in impls] + [f"{i} rel. error" for i in impls])
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for n, causal, pass_name in sorted({(r["n"], r["causal"], r["pass_name"]) for r in results}):
     get = lambda impl, n=n, c=causal, p=pass_name: lookup.get((n, c, p, impl))
-    cudnn = get("cudnn")
-    cells = [str(n), str(causal), pass_name, f"{cudnn['ms']:.2f}" if cudnn else "-"]
+    baseline = get("exact") or get("cudnn")
+    cells = [str(n), str(causal), pass_name, f"{baseline['ms']:.2f}" if baseline else "-"]
     cells += [f"{get(i)['ms']:.2f}" if get(i) else "-" for i in impls]
-    cells += [f"{cudnn['ms'] / get(i)['ms']:.1f}x" if get(i) and cudnn else "-" for i in impls]
+    cells += [f"{baseline['ms'] / get(i)['ms']:.1f}x" if get(i) and baseline else "-"
+              for i in impls]
     cells += [f"{get(i)['rel_error_vs_exact']:.3f}"
               if get(i) and "rel_error_vs_exact" in get(i) else "-" for i in impls]
     lines.append("| " + " | ".join(cells) + " |")
@@ -132,7 +158,7 @@ def plot(results, path, device):
       rows = sorted((r for r in results if r["impl"] == impl and r["causal"] == causal
                      and r["pass_name"] == pass_name), key=lambda r: r["n"])
       if rows:
-        label = "exact (cuDNN)" if impl == "cudnn" else f"hyper_attention ({impl})"
+        label = "exact" if impl in EXACT else f"hyper_attention ({impl})"
         ax.loglog([r["n"] for r in rows], [r["ms"] for r in rows], "o-", label=label)
     ax.set_title(f"{'causal' if causal else 'non-causal'} {pass_name.replace('_', '+')}")
     ax.set_xlabel("sequence length")
