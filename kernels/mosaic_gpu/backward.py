@@ -17,8 +17,6 @@ With ``p = exp(s - lse)`` recomputed from the saved lse, ``dp = dO v^T`` and
 Every sum has a fixed order, so two runs give identical bits.
 """
 
-import functools
-
 import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -27,7 +25,6 @@ from jax import lax
 
 from hyperattention_jax.kernels.mosaic_gpu import common
 from hyperattention_jax.kernels.mosaic_gpu.common import COL, ROW, col_vec, row_vec
-from hyperattention_jax.kernels.mosaic_gpu.forward import _loop, key_steps
 from hyperattention_jax.kernels.mosaic_gpu.layout import BIAS, ROWS_PER_WG, Operands, Problem
 from hyperattention_jax.util import cdiv
 
@@ -39,6 +36,12 @@ Q_POS = 2    # the query's position (only when a mask depends on it)
 
 def query_meta_rows(prob: Problem) -> int:
   return 2 + prob.needs_positions
+
+
+def _operands(ops: Operands, do, q_meta):
+  """The operands of both backward kernels, in their order."""
+  return (ops["q"], ops["k"], ops["v"], ops["k_meta"], ops["extra_k"], ops["extra_v"],
+          ops["extra_meta"], do, q_meta, ops["coef"], ops["diag_live"], ops["extra_live"])
 
 
 def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpret=None):
@@ -59,7 +62,6 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
                     + stages * tk * (prob.dk + prob.dv) * item + 4096, "the dq kernel")
   cta_rows = tiles.rows_per_cta
   ctas_per_block = prob.block_q // cta_rows
-  extra_steps = prob.num_extra // tk
   spec = prob.spec
   dtype = prob.dtype
   f32 = jnp.float32
@@ -70,24 +72,13 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
              coef_ref, dlive_ref, xlive_ref, dq_ref, dscale_ref, dbias_ref, buffers, barriers):
     q_smem, do_smem, k_smem, v_smem, meta_smem, qmeta_smem, coef_smem, sums_smem = buffers
     q_bar, k_bar, v_bar, k_free, v_free = barriers
-    tile, head, batch = common.axis("tile"), common.axis("head"), common.axis("batch")
-    wg = common.axis("wg")
-    block = tile // ctas_per_block
-    first_row = (tile % ctas_per_block) * cta_rows
-    kv_head = head // prob.groups
-    set_idx = block if prob.num_sets > 1 else 0
-    num_unmasked, num_diagonal, num_steps = key_steps(
-        prob, tiles, first_row, dlive_ref[batch, kv_head, block],
-        xlive_ref[batch, kv_head, set_idx])
+    cta = common.query_cta(prob, tiles, dlive_ref, xlive_ref)
+    tile, head, batch, wg, block = cta.tile, cta.head, cta.batch, cta.wg, cta.block
 
     @pl.when(wg == nw)
     def _memory():
-      common.stream_keys(
-          (k_ref, v_ref, kmeta_ref), (xk_ref, xv_ref, xmeta_ref) if extra_steps else None,
-          (k_smem, v_smem, meta_smem), (k_bar, v_bar), (k_free, v_free), batch=batch,
-          kv_head=kv_head, first_key=block * prob.block_k,
-          extra_set=set_idx, num_diagonal=num_diagonal,
-          num_steps=num_steps, key_tile=tk, stages=stages)
+      common.stream_keys(cta, prob, tiles, (k_ref, v_ref, kmeta_ref), (xk_ref, xv_ref, xmeta_ref),
+                         (k_smem, v_smem, meta_smem), (k_bar, v_bar), (k_free, v_free))
 
     @pl.when(wg < nw)
     def _compute():
@@ -140,15 +131,7 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
 
       carry = (common.zeros((rows, prob.dk)), common.full((rows,), 0.0, ROW),
                common.full((rows,), 0.0, ROW))
-      carry = _loop(0, num_unmasked, functools.partial(step_fn, extra=False, masked=False),
-                    carry)
-      if needs_pos:  # otherwise num_unmasked == num_diagonal
-        carry = _loop(num_unmasked, num_diagonal,
-                      functools.partial(step_fn, extra=False, masked=True), carry)
-      if extra_steps:
-        carry = _loop(num_diagonal, num_steps,
-                      functools.partial(step_fn, extra=True, masked=needs_pos), carry)
-      dq_acc, dscale, dbias = carry
+      dq_acc, dscale, dbias = common.walk_key_steps(step_fn, carry, cta, prob, tiles)
       q_tile[...] = (dq_acc * row_vec(scale, dq_acc.shape)).astype(dtype)
       sums_smem.at[wg, 0][...] = dscale
       sums_smem.at[wg, 1][...] = dbias
@@ -177,20 +160,14 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
       plgpu.Barrier(num_arrivals=nw, num_barriers=stages),
   )
 
-  def entry(*refs):
-    pl.run_scoped(lambda buf, bar: kernel(*refs, buf, bar), buffers, barriers,
-                  collective_axes="wg")
-
   row_sums = jax.ShapeDtypeStruct((prob.batch, prob.q_heads, prob.q_len), f32)
   out_type = (jax.ShapeDtypeStruct((prob.batch, prob.q_heads, prob.q_len, prob.dk), dtype),
               row_sums, row_sums)
-  return plgpu.kernel(
-      entry, out_type=out_type,
-      grid=(prob.num_blocks * ctas_per_block, prob.q_heads, prob.batch),
-      grid_names=("tile", "head", "batch"), num_threads=nw + 1, thread_name="wg",
-      compiler_params=common.compiler_params(interpret), interpret=interpret,
-  )(ops["q"], ops["k"], ops["v"], ops["k_meta"], ops["extra_k"], ops["extra_v"],
-    ops["extra_meta"], do, q_meta, ops["coef"], ops["diag_live"], ops["extra_live"])
+  return common.launch(
+      kernel, buffers=buffers, barriers=barriers, out_type=out_type,
+      grid=(prob.num_blocks * ctas_per_block, prob.q_heads, prob.batch), compute_wgs=nw,
+      interpret=interpret,
+  )(*_operands(ops, do, q_meta))
 
 
 def extra_chunks(prob: Problem, tiles: common.Tiles, target_ctas: int = 264) -> int:
@@ -295,25 +272,7 @@ def dkv(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, chunks
           plgpu.copy_gmem_to_smem(do_ref.at[batch, head, rows_sl], do_smem.at[slot],
                                   do_bar.at[slot])
 
-      for step in range(stages):
-        @pl.when(step < num_steps)
-        def _prologue():
-          fetch(step, step, 0)
-          fetch(step, step, 1)
-
-      @pl.loop(0, jnp.maximum(num_steps - stages, 0))
-      def _steady(step):
-        slot = lax.rem(step, stages)
-        plgpu.barrier_wait(q_free.at[slot])
-        fetch(step + stages, slot, 0)
-        plgpu.barrier_wait(do_free.at[slot])
-        fetch(step + stages, slot, 1)
-
-      @pl.loop(jnp.maximum(num_steps - stages, 0), num_steps)
-      def _drain(step):
-        slot = lax.rem(step, stages)
-        plgpu.barrier_wait(q_free.at[slot])
-        plgpu.barrier_wait(do_free.at[slot])
+      common.produce(fetch, (q_free, do_free), num_steps=num_steps, stages=stages)
 
     @pl.when(wg < nw)
     def _compute():
@@ -416,10 +375,6 @@ def dkv(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, chunks
       plgpu.Barrier(num_arrivals=nw, num_barriers=stages),
   )
 
-  def entry(*refs):
-    pl.run_scoped(lambda buf, bar: kernel(*refs, buf, bar), buffers, barriers,
-                  collective_axes="wg")
-
   m = max(prob.num_extra, 1)
   out_type = (
       jax.ShapeDtypeStruct((prob.batch, prob.kv_heads, prob.k_len, prob.dk), dtype),
@@ -427,9 +382,8 @@ def dkv(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, chunks
       jax.ShapeDtypeStruct((chunks, prob.batch, prob.kv_heads, prob.num_sets, m, prob.dk), f32),
       jax.ShapeDtypeStruct((chunks, prob.batch, prob.kv_heads, prob.num_sets, m, prob.dv), f32),
   )
-  return plgpu.kernel(
-      entry, out_type=out_type, grid=(diag_ctas + extra_ctas, prob.kv_heads, prob.batch),
-      grid_names=("tile", "head", "batch"), num_threads=nw + 1, thread_name="wg",
-      compiler_params=common.compiler_params(interpret), interpret=interpret,
-  )(ops["q"], ops["k"], ops["v"], ops["k_meta"], ops["extra_k"], ops["extra_v"],
-    ops["extra_meta"], do, q_meta, ops["coef"], ops["diag_live"], ops["extra_live"])
+  return common.launch(
+      kernel, buffers=buffers, barriers=barriers, out_type=out_type,
+      grid=(diag_ctas + extra_ctas, prob.kv_heads, prob.batch), compute_wgs=nw,
+      interpret=interpret,
+  )(*_operands(ops, do, q_meta))

@@ -1,6 +1,13 @@
-"""Pieces shared by the Mosaic GPU kernels: tile sizes, smem transforms, masks, matmul helpers."""
+"""Pieces shared by the Mosaic GPU kernels.
+
+Tile sizes, smem transforms, masks and matmul helpers; the launch of a warp-specialised
+kernel and the producer loop of its memory warpgroup; and, for the key-streaming kernels
+(forward, dq), a CTA's indices, its key steps and the walk over them.
+"""
 
 import dataclasses
+import functools
+from typing import Any, NamedTuple
 
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -8,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hyperattention_jax import core
-from hyperattention_jax.kernels.mosaic_gpu.layout import ROWS_PER_WG, unsupported
+from hyperattention_jax.kernels.mosaic_gpu.layout import ROWS_PER_WG, Problem, unsupported
 
 # A finite "minus infinity" for running maxima: a row that has seen no counted key keeps it,
 # so exp2(old_max - new_max) stays finite (1) instead of exp2(-inf + inf) = nan.
@@ -146,46 +153,133 @@ def axis(name):
   return lax.axis_index(name)
 
 
-def stream_keys(key_refs, extra_refs, buffers, ready, free, *, batch, kv_head, first_key,
-                extra_set, num_diagonal, num_steps, key_tile: int, stages: int):
-  """The memory warpgroup of a key-streaming kernel (forward, dq).
+def launch(kernel, *, buffers, barriers, out_type, grid, compute_wgs: int, interpret):
+  """A warp-specialised ``plgpu.kernel`` over a ``(tile, head, batch)`` grid.
 
-  Step ``i < num_diagonal`` brings diagonal key tile ``i`` (k, v and meta rows from
-  ``key_refs`` starting at key ``first_key``); later steps bring extra key tiles of set
-  ``extra_set``. k and its meta arrive on ``ready[0]``, v on ``ready[1]``; a slot is
-  reused once its ``free`` barriers (k, v) say every compute warpgroup is done with it.
+  Each CTA runs ``compute_wgs`` compute warpgroups and one memory warpgroup (``wg`` ==
+  ``compute_wgs``), which share the scoped ``buffers`` and ``barriers``.
 
   Args:
-    key_refs: ``(k [B, Hk, Nk, dk], v [B, Hk, Nk, dv], meta [B, Hk, R, Nk])`` in GMEM.
-    extra_refs: ``(k [B, Hk, E, M, dk], v [B, Hk, E, M, dv], meta [B, Hk, E, R, M])``, or
-      None when there are no extra keys.
-    buffers: shared-memory rings ``k [S, tk, dk]``, ``v [S, tk, dv]``, ``meta [S, R, tk]``.
-    ready, free: ``(k, v)`` barrier arrays of ``stages`` barriers each.
+    kernel: ``kernel(*refs, buffers, barriers)``, where ``refs`` are the operands' and
+      outputs' GMEM refs.
+    buffers, barriers: shared-memory and barrier allocations (``pl.run_scoped`` pytrees).
+    out_type, grid, interpret: as ``plgpu.kernel``.
+    compute_wgs: compute warpgroups per CTA.
+
+  Returns:
+    The kernel, to call on its operands.
   """
-  k_smem, v_smem, meta_smem = buffers
+  def entry(*refs):
+    pl.run_scoped(lambda buf, bar: kernel(*refs, buf, bar), buffers, barriers,
+                  collective_axes="wg")
 
-  def fetch(step, slot, which):
-    @pl.when(step < num_diagonal)
-    def _diagonal():
-      keys = pl.ds(first_key + step * key_tile, key_tile)
-      plgpu.copy_gmem_to_smem(key_refs[which].at[batch, kv_head, keys],
-                              (k_smem, v_smem)[which].at[slot], ready[which].at[slot])
-      if which == 0:
-        plgpu.copy_gmem_to_smem(key_refs[2].at[batch, kv_head, :, keys], meta_smem.at[slot],
-                                ready[0].at[slot])
+  return plgpu.kernel(
+      entry, out_type=out_type, grid=grid, grid_names=("tile", "head", "batch"),
+      num_threads=compute_wgs + 1, thread_name="wg",
+      compiler_params=compiler_params(interpret), interpret=interpret)
 
-    if extra_refs is None:
-      return
 
-    @pl.when(step >= num_diagonal)
-    def _extra():
-      keys = pl.ds((step - num_diagonal) * key_tile, key_tile)
-      plgpu.copy_gmem_to_smem(extra_refs[which].at[batch, kv_head, extra_set, keys],
-                              (k_smem, v_smem)[which].at[slot], ready[which].at[slot])
-      if which == 0:
-        plgpu.copy_gmem_to_smem(extra_refs[2].at[batch, kv_head, extra_set, :, keys],
-                                meta_smem.at[slot], ready[0].at[slot])
+def key_steps(prob: Problem, tiles: Tiles, first_row, diag_live, extra_live):
+  """Key-tile counts of a query CTA whose first row in its block is ``first_row``.
 
+  Args:
+    diag_live, extra_live: leading keys of the CTA's diagonal block and extra set that may
+      count (``layout.operands``); tiles after them are skipped.
+
+  Returns ``(num_unmasked, num_diagonal, num_steps)``: diagonal tiles ``[0, num_unmasked)``
+  need no query-dependent mask, ``[num_unmasked, num_diagonal)`` need one; steps
+  ``[num_diagonal, num_steps)`` are extra-key tiles.
+  """
+  tk = tiles.key_tile
+  num_diagonal = (diag_live + tk - 1) // tk
+  if prob.spec.causal:
+    # Keys at block index <= the CTA's last row; tiles wholly before its first row are full.
+    last = first_row + tiles.rows_per_cta - 1
+    num_diagonal = jnp.minimum(last // tk + 1, num_diagonal)
+    num_unmasked = 0 if prob.spec.window_size > 0 else jnp.minimum(first_row // tk,
+                                                                   num_diagonal)
+  else:
+    num_unmasked = 0 if prob.spec.window_size > 0 else num_diagonal
+  num_extra = (extra_live + tk - 1) // tk if prob.num_extra else 0
+  return num_unmasked, num_diagonal, num_diagonal + num_extra
+
+
+class QueryCta(NamedTuple):
+  """What a CTA of the key-streaming kernels (forward, dq) works on.
+
+  Attributes:
+    tile, head, batch: its grid indices (query tile, query head, batch row).
+    wg: the warpgroup running (``compute_wgs``: the memory warpgroup).
+    block: the logical block of its query rows.
+    first_row: the first of its rows within the block.
+    kv_head: the key head its query head reads.
+    set_idx: the extra key set its block reads.
+    num_unmasked, num_diagonal, num_steps: its key steps (``key_steps``).
+  """
+
+  tile: Any
+  head: Any
+  batch: Any
+  wg: Any
+  block: Any
+  first_row: Any
+  kv_head: Any
+  set_idx: Any
+  num_unmasked: Any
+  num_diagonal: Any
+  num_steps: Any
+
+
+def query_cta(prob: Problem, tiles: Tiles, dlive_ref, xlive_ref) -> QueryCta:
+  """The running CTA's ``QueryCta``, from the grid and the live-key counts in GMEM.
+
+  Args:
+    dlive_ref, xlive_ref: the ``diag_live`` and ``extra_live`` operands (``layout.Operands``).
+  """
+  ctas_per_block = prob.block_q // tiles.rows_per_cta
+  tile, head, batch = axis("tile"), axis("head"), axis("batch")
+  wg = axis("wg")
+  block = tile // ctas_per_block
+  first_row = (tile % ctas_per_block) * tiles.rows_per_cta
+  kv_head = head // prob.groups
+  set_idx = block if prob.num_sets > 1 else 0
+  num_unmasked, num_diagonal, num_steps = key_steps(
+      prob, tiles, first_row, dlive_ref[batch, kv_head, block],
+      xlive_ref[batch, kv_head, set_idx])
+  return QueryCta(tile, head, batch, wg, block, first_row, kv_head, set_idx, num_unmasked,
+                  num_diagonal, num_steps)
+
+
+def _loop(lower, upper, body, carry):
+  if isinstance(lower, int) and isinstance(upper, int) and upper <= lower:
+    return carry
+  return lax.fori_loop(lower, upper, body, carry)
+
+
+def walk_key_steps(step_fn, carry, cta: QueryCta, prob: Problem, tiles: Tiles):
+  """Folds ``step_fn(step, carry, *, extra, masked)`` over the key steps of a query CTA.
+
+  The unmasked diagonal tiles come first, then those that need the query-dependent mask,
+  then the extra-key tiles; each range is one loop with the flags fixed.
+  """
+  carry = _loop(0, cta.num_unmasked, functools.partial(step_fn, extra=False, masked=False),
+                carry)
+  if prob.needs_positions:  # otherwise num_unmasked == num_diagonal
+    carry = _loop(cta.num_unmasked, cta.num_diagonal,
+                  functools.partial(step_fn, extra=False, masked=True), carry)
+  if prob.num_extra // tiles.key_tile:
+    carry = _loop(cta.num_diagonal, cta.num_steps,
+                  functools.partial(step_fn, extra=True, masked=prob.needs_positions), carry)
+  return carry
+
+
+def produce(fetch, free, *, num_steps, stages: int):
+  """The loop of a memory warpgroup that feeds a ``stages``-deep ring of two operands.
+
+  ``fetch(step, slot, which)`` starts the copies of operand ``which`` (0 or 1) of pipeline
+  step ``step`` into ring slot ``slot``; a slot is refilled once its ``free[which]``
+  barrier says every compute warpgroup is done with it.
+  """
   for step in range(stages):
     @pl.when(step < num_steps)
     def _prologue():
@@ -205,3 +299,52 @@ def stream_keys(key_refs, extra_refs, buffers, ready, free, *, batch, kv_head, f
     slot = lax.rem(step, stages)
     for which in (0, 1):
       plgpu.barrier_wait(free[which].at[slot])
+
+
+def stream_keys(cta: QueryCta, prob: Problem, tiles: Tiles, key_refs, extra_refs, buffers,
+                ready, free):
+  """The memory warpgroup of a key-streaming kernel (forward, dq).
+
+  Step ``i < num_diagonal`` brings diagonal key tile ``i`` of the CTA's block (k, v and
+  meta rows from ``key_refs``); later steps bring extra key tiles of its set. k and its
+  meta arrive on ``ready[0]``, v on ``ready[1]``; a slot is reused once its ``free``
+  barriers (k, v) say every compute warpgroup is done with it.
+
+  Args:
+    cta: the CTA (``query_cta``).
+    prob, tiles: the call and the kernel's tiles.
+    key_refs: ``(k [B, Hk, Nk, dk], v [B, Hk, Nk, dv], meta [B, Hk, R, Nk])`` in GMEM.
+    extra_refs: ``(k [B, Hk, E, M, dk], v [B, Hk, E, M, dv], meta [B, Hk, E, R, M])``;
+      unused when there are no extra keys.
+    buffers: shared-memory rings ``k [S, tk, dk]``, ``v [S, tk, dv]``, ``meta [S, R, tk]``.
+    ready, free: ``(k, v)`` barrier arrays of ``num_stages`` barriers each.
+  """
+  k_smem, v_smem, meta_smem = buffers
+  batch, kv_head, num_diagonal = cta.batch, cta.kv_head, cta.num_diagonal
+  first_key = cta.block * prob.block_k
+  key_tile = tiles.key_tile
+  has_extra = bool(prob.num_extra // key_tile)
+
+  def fetch(step, slot, which):
+    @pl.when(step < num_diagonal)
+    def _diagonal():
+      keys = pl.ds(first_key + step * key_tile, key_tile)
+      plgpu.copy_gmem_to_smem(key_refs[which].at[batch, kv_head, keys],
+                              (k_smem, v_smem)[which].at[slot], ready[which].at[slot])
+      if which == 0:
+        plgpu.copy_gmem_to_smem(key_refs[2].at[batch, kv_head, :, keys], meta_smem.at[slot],
+                                ready[0].at[slot])
+
+    if not has_extra:
+      return
+
+    @pl.when(step >= num_diagonal)
+    def _extra():
+      keys = pl.ds((step - num_diagonal) * key_tile, key_tile)
+      plgpu.copy_gmem_to_smem(extra_refs[which].at[batch, kv_head, cta.set_idx, keys],
+                              (k_smem, v_smem)[which].at[slot], ready[which].at[slot])
+      if which == 0:
+        plgpu.copy_gmem_to_smem(extra_refs[2].at[batch, kv_head, cta.set_idx, :, keys],
+                                meta_smem.at[slot], ready[0].at[slot])
+
+  produce(fetch, free, num_steps=cta.num_steps, stages=tiles.num_stages)

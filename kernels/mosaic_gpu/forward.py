@@ -15,7 +15,6 @@ CTA's first row are unmasked, the tiles crossing its rows are masked, and later 
 visited at all.
 """
 
-import functools
 import math
 
 import jax
@@ -29,37 +28,6 @@ from hyperattention_jax.kernels.mosaic_gpu.common import COL, NEG_BIG, ROW, col_
 from hyperattention_jax.kernels.mosaic_gpu.layout import BIAS, ROWS_PER_WG, Operands, Problem
 
 LN2 = math.log(2.0)
-
-
-def key_steps(prob: Problem, tiles: common.Tiles, first_row, diag_live, extra_live):
-  """Key-tile counts of a query CTA whose first row in its block is ``first_row``.
-
-  Args:
-    diag_live, extra_live: leading keys of the CTA's diagonal block and extra set that may
-      count (``layout.operands``); tiles after them are skipped.
-
-  Returns ``(num_unmasked, num_diagonal, num_steps)``: diagonal tiles ``[0, num_unmasked)``
-  need no query-dependent mask, ``[num_unmasked, num_diagonal)`` need one; steps
-  ``[num_diagonal, num_steps)`` are extra-key tiles.
-  """
-  tk = tiles.key_tile
-  num_diagonal = (diag_live + tk - 1) // tk
-  if prob.spec.causal:
-    # Keys at block index <= the CTA's last row; tiles wholly before its first row are full.
-    last = first_row + tiles.rows_per_cta - 1
-    num_diagonal = jnp.minimum(last // tk + 1, num_diagonal)
-    num_unmasked = 0 if prob.spec.window_size > 0 else jnp.minimum(first_row // tk,
-                                                                   num_diagonal)
-  else:
-    num_unmasked = 0 if prob.spec.window_size > 0 else num_diagonal
-  num_extra = (extra_live + tk - 1) // tk if prob.num_extra else 0
-  return num_unmasked, num_diagonal, num_diagonal + num_extra
-
-
-def _loop(lower, upper, body, carry):
-  if isinstance(lower, int) and isinstance(upper, int) and upper <= lower:
-    return carry
-  return lax.fori_loop(lower, upper, body, carry)
 
 
 def smem_bytes(prob: Problem, tiles: common.Tiles) -> int:
@@ -89,7 +57,6 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
   nw, rows, tk, stages = tiles.compute_wgs, ROWS_PER_WG, tiles.key_tile, tiles.num_stages
   cta_rows = tiles.rows_per_cta
   ctas_per_block = prob.block_q // cta_rows
-  extra_steps = prob.num_extra // tk
   spec = prob.spec
   dtype = prob.dtype
   f32 = jnp.float32
@@ -100,15 +67,8 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
              dlive_ref, xlive_ref, o_ref, lse_ref, buffers, barriers):
     q_smem, o_smem, k_smem, v_smem, meta_smem, qpos_smem, coef_smem, lse_smem = buffers
     q_bar, k_bar, v_bar, k_free, v_free, turn = barriers
-    tile, head, batch = common.axis("tile"), common.axis("head"), common.axis("batch")
-    wg = common.axis("wg")
-    block = tile // ctas_per_block
-    first_row = (tile % ctas_per_block) * cta_rows
-    kv_head = head // prob.groups
-    set_idx = block if prob.num_sets > 1 else 0
-    num_unmasked, num_diagonal, num_steps = key_steps(
-        prob, tiles, first_row, dlive_ref[batch, kv_head, block],
-        xlive_ref[batch, kv_head, set_idx])
+    cta = common.query_cta(prob, tiles, dlive_ref, xlive_ref)
+    tile, head, batch, wg, block = cta.tile, cta.head, cta.batch, cta.wg, cta.block
 
     def take_turn():  # the two compute warpgroups alternate softmax and tensor-core work
       plgpu.barrier_arrive(turn)
@@ -118,12 +78,8 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
     def _memory():
       if ping_pong:
         plgpu.set_max_registers(40, action="decrease")
-      common.stream_keys(
-          (k_ref, v_ref, kmeta_ref), (xk_ref, xv_ref, xmeta_ref) if extra_steps else None,
-          (k_smem, v_smem, meta_smem),
-          (k_bar, v_bar), (k_free, v_free), batch=batch, kv_head=kv_head,
-          first_key=block * prob.block_k, extra_set=set_idx, num_diagonal=num_diagonal,
-          num_steps=num_steps, key_tile=tk, stages=stages)
+      common.stream_keys(cta, prob, tiles, (k_ref, v_ref, kmeta_ref), (xk_ref, xv_ref, xmeta_ref),
+                         (k_smem, v_smem, meta_smem), (k_bar, v_bar), (k_free, v_free))
 
     @pl.when(wg < nw)
     def _compute():
@@ -180,14 +136,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
                common.full((rows,), 0.0, ROW))
       if ping_pong:
         pl.when(wg == 1)(take_turn)
-      body = functools.partial(step_fn, extra=False, masked=False)
-      carry = _loop(0, num_unmasked, body, carry)
-      if needs_pos:  # otherwise num_unmasked == num_diagonal
-        body = functools.partial(step_fn, extra=False, masked=True)
-        carry = _loop(num_unmasked, num_diagonal, body, carry)
-      if extra_steps:
-        body = functools.partial(step_fn, extra=True, masked=needs_pos)
-        carry = _loop(num_diagonal, num_steps, body, carry)
+      carry = common.walk_key_steps(step_fn, carry, cta, prob, tiles)
       if ping_pong:
         pl.when(wg == 0)(take_turn)
       acc, run_max, run_sum = carry
@@ -227,16 +176,11 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       plgpu.Barrier(num_arrivals=2) if ping_pong else None,         # compute turn
   )
 
-  def entry(*refs):
-    pl.run_scoped(lambda buf, bar: kernel(*refs, buf, bar), buffers, barriers,
-                  collective_axes="wg")
-
   out_type = (jax.ShapeDtypeStruct((prob.batch, prob.q_heads, prob.q_len, prob.dv), dtype),
               jax.ShapeDtypeStruct((prob.batch, prob.q_heads, prob.q_len), f32))
-  return plgpu.kernel(
-      entry, out_type=out_type,
-      grid=(prob.num_blocks * ctas_per_block, prob.q_heads, prob.batch),
-      grid_names=("tile", "head", "batch"), num_threads=nw + 1, thread_name="wg",
-      compiler_params=common.compiler_params(interpret), interpret=interpret,
+  return common.launch(
+      kernel, buffers=buffers, barriers=barriers, out_type=out_type,
+      grid=(prob.num_blocks * ctas_per_block, prob.q_heads, prob.batch), compute_wgs=nw,
+      interpret=interpret,
   )(ops["q"], ops["k"], ops["v"], ops["k_meta"], ops["extra_k"], ops["extra_v"],
     ops["extra_meta"], ops["q_pos"], ops["coef"], ops["diag_live"], ops["extra_live"])
