@@ -69,14 +69,8 @@ def _dq_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, lse_ref, delta_ref, do_ref
         if bias is not None:
           dbias_acc[head] += jnp.sum(ds, axis=1, keepdims=True)
 
-  def attend_diagonal():
-    attend(k_ref[...], v_ref[...], common.row(k_pos_ref), spec.diagonal_keys)
-
-  def attend_extra(k, v, extra_pos, extra_block):
-    attend(k, v, extra_pos, spec.extra_keys, bias=bias_ref[batch],
-           mask_more=lambda shape: jnp.broadcast_to(extra_block, shape) != block)
-
-  for_each_key_tile(step, plan, attend_diagonal, attend_extra, extra_refs)
+  for_each_key_tile(step, plan, spec, attend, (k_ref, v_ref, k_pos_ref), extra_refs, bias_ref,
+                    batch=batch, block=block)
 
   @pl.when(step == plan.k_tiles + plan.extra_steps - 1)
   def _finish():

@@ -42,22 +42,41 @@ def _online_softmax_step(logits, v, m_ref, l_ref, acc_ref, precision):
                   + common.matmul(p.astype(v.dtype), v, common.NN_DIMS, precision))
 
 
-def for_each_key_tile(step, plan: TilePlan, attend_diagonal, attend_extra, extra_refs):
-  """Runs the step's key tiles: a diagonal one, then (resident or streamed) extra keys.
+def for_each_key_tile(step, plan: TilePlan, spec: core.BlockSpec, attend, key_refs, extra_refs,
+                      bias_ref, *, batch, block):
+  """Runs ``attend`` on the step's key tiles: a diagonal one, then (resident or streamed) extras.
 
-  ``attend_diagonal()`` handles the current diagonal tile; ``attend_extra(k, v, pos,
-  block)`` a chunk of extra keys given as values. ``extra_refs`` are the refs of the
-  extra keys, values, positions and blocks (unused without extra keys).
+  ``attend(k, v, k_pos, rule, mask_more=None, bias=None)`` folds one tile of keys, given as
+  values, into every head of the step; ``mask_more(shape)`` further restricts its mask and
+  ``bias`` is added to its logits.
+
+  Args:
+    step: the grid's step index.
+    plan, spec: the call's tiles and block spec.
+    attend: as above.
+    key_refs: refs of the diagonal tile's keys, values and position rows.
+    extra_refs: refs of the extra keys, values, positions and blocks (unused without
+      extra keys).
+    bias_ref: the per-batch bias of the extra logits.
+    batch, block: the program's batch row and query block.
   """
-  pl.when(step < plan.k_tiles)(attend_diagonal)
+  k_ref, v_ref, k_pos_ref = key_refs
+
+  @pl.when(step < plan.k_tiles)
+  def _diagonal():
+    attend(k_ref[...], v_ref[...], common.row(k_pos_ref), spec.diagonal_keys)
+
   if not plan.has_extra:
     return
   extra_k_ref, extra_v_ref, extra_pos_ref, extra_block_ref = extra_refs
 
   def chunk(start: int):
     rows = pl.ds(start, plan.extra_chunk)
-    attend_extra(extra_k_ref[rows, :], extra_v_ref[rows, :], extra_pos_ref[:1, rows],
-                 extra_block_ref[:1, rows])
+    k, v = extra_k_ref[rows, :], extra_v_ref[rows, :]
+    extra_pos, extra_block = extra_pos_ref[:1, rows], extra_block_ref[:1, rows]
+    # Extra keys of the query's own block were already counted as diagonal keys.
+    attend(k, v, extra_pos, spec.extra_keys, bias=bias_ref[batch],
+           mask_more=lambda shape: jnp.broadcast_to(extra_block, shape) != block)
 
   if plan.extra_resident:
     @pl.when(step == plan.k_tiles - 1)
@@ -99,15 +118,8 @@ def _forward_kernel(scale_ref, bias_ref, q_ref, q_pos_ref, k_ref, v_ref, k_pos_r
         _online_softmax_step(jnp.where(keep, logits, -jnp.inf), v, m_ref.at[head],
                              l_ref.at[head], acc_ref.at[head], precision)
 
-  def attend_diagonal():
-    attend(k_ref[...], v_ref[...], common.row(k_pos_ref), spec.diagonal_keys)
-
-  def attend_extra(k, v, extra_pos, extra_block):
-    # Extra keys of the query's own block were already counted as diagonal keys.
-    attend(k, v, extra_pos, spec.extra_keys, bias=bias_ref[batch],
-           mask_more=lambda shape: jnp.broadcast_to(extra_block, shape) != block)
-
-  for_each_key_tile(step, plan, attend_diagonal, attend_extra, extra_refs)
+  for_each_key_tile(step, plan, spec, attend, (k_ref, v_ref, k_pos_ref), extra_refs, bias_ref,
+                    batch=batch, block=block)
 
   @pl.when(step == plan.k_tiles + plan.extra_steps - 1)
   def _finish():
