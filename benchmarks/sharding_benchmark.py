@@ -20,7 +20,7 @@ row lying on an LSH hyperplane may hash differently when the two programs round
 differently.
 """
 
-import time
+import math
 
 from absl import app
 from absl import flags
@@ -31,6 +31,8 @@ import numpy as np
 
 import hyperattention_jax as ha
 from hyperattention_jax.sharding import activation_spec, sharded_hyper_attention
+
+from benchmarks.timing import median_ms
 
 _BATCH = flags.DEFINE_integer("batch", 2, "Batch size (global).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 32768, "Sequence length.")
@@ -54,15 +56,9 @@ _IMPLEMENTATION = flags.DEFINE_string("implementation", None,
 MODE_AXES = {"batch": "batch_axis", "head": "head_axis", "seq": "seq_axis"}
 
 
-def median_time(fn, args, repeats):
-  """Median wall-clock seconds of ``fn(*args)`` after one warm-up (compiling) call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+def time_ms(fn, args):
+  """Median wall-clock ms of ``--repeats`` calls of ``fn(*args)``, after one warm-up call."""
+  return median_ms(fn, *args, reps=_REPEATS.value, warmup=1, max_seconds=math.inf)
 
 
 def make_pass(attention, name):
@@ -159,15 +155,15 @@ def main(argv):
   for name in _PASSES.value:
     try:
       baseline = make_pass(unsharded, name)
-      base_time = median_time(baseline, inputs, _REPEATS.value)
+      base_ms = time_ms(baseline, inputs)
       want = baseline(*inputs) if _CHECK.value and num_devices > 1 else None
     except Exception as error:  # pylint: disable=broad-exception-caught
       # Report and go on: one failing measurement (e.g. out of memory) keeps the others.
       print(f"  {name} on one device failed: {type(error).__name__}: {error}"[:500], flush=True)
       rows.append(("one device (failed)", 1, name, None, None, None, None))
       continue
-    rows.append(("one device", 1, name, base_time * 1e3, 1.0, 1.0, None))
-    print(f"  {name} on one device: {base_time * 1e3:.2f} ms", flush=True)
+    rows.append(("one device", 1, name, base_ms, 1.0, 1.0, None))
+    print(f"  {name} on one device: {base_ms:.2f} ms", flush=True)
     if num_devices == 1:
       continue
     for mode in _MODES.value:
@@ -178,16 +174,16 @@ def main(argv):
       try:
         placed, sharded = sharded_inputs(mode)
         fn = make_pass(sharded, name)
-        seconds = median_time(fn, placed, _REPEATS.value)
+        ms = time_ms(fn, placed)
         diff = relative_difference(fn(*placed), want, one) if want is not None else None
       except Exception as error:  # pylint: disable=broad-exception-caught
         print(f"  {name} {mode}-split failed: {type(error).__name__}: {error}"[:500], flush=True)
         rows.append((f"{mode} split (failed)", num_devices, name, None, None, None, None))
         continue
-      speedup = base_time / seconds
-      rows.append((f"{mode} split", num_devices, name, seconds * 1e3, speedup,
+      speedup = base_ms / ms
+      rows.append((f"{mode} split", num_devices, name, ms, speedup,
                    speedup / num_devices, diff))
-      print(f"  {name} {mode}-split on {num_devices}: {seconds * 1e3:.2f} ms", flush=True)
+      print(f"  {name} {mode}-split on {num_devices}: {ms:.2f} ms", flush=True)
       del placed
     del want
 
