@@ -89,10 +89,18 @@ def key_mask(q_pos, k_pos, rule: str, spec: BlockSpec):
     keep = keep & (k_pos <= q_pos)
   if rule == ALL:
     return keep
-  local = k_pos < spec.sink_size
+  distance = jnp.abs(q_pos - k_pos)
+  if rule == LOCAL:
+    local = k_pos < spec.sink_size
+    if spec.window_size > 0:
+      local = local | (distance < spec.window_size)
+    return keep & local
+  # The complement written with comparisons rather than a boolean negation, which Mosaic
+  # GPU cannot lower for this expression.
+  outside = k_pos >= spec.sink_size
   if spec.window_size > 0:
-    local = local | (jnp.abs(q_pos - k_pos) < spec.window_size)
-  return keep & (local if rule == LOCAL else ~local)
+    outside = outside & (distance >= spec.window_size)
+  return keep & outside
 
 
 def masked_softmax(logits, keep):

@@ -192,14 +192,17 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
   @parameterized.named_parameters(
       # An LSH piece at the default block and sample sizes, bf16, head_dim 128, GQA.
       dict(testcase_name="lsh_bf16_d128", dtype=jnp.bfloat16, head_dim=128, block=256,
-           num_blocks=2, num_extra=256, per_block=False, causal=False),
+           num_blocks=2, num_extra=256, per_block=False, causal=False, window_size=0),
+      # An LSH piece that leaves out a window (the negated window test in the mask).
+      dict(testcase_name="lsh_window_bf16_d64", dtype=jnp.bfloat16, head_dim=64, block=128,
+           num_blocks=3, num_extra=64, per_block=False, causal=False, window_size=32),
       # Causal leaves with sinks and a window, float16, head_dim 256 (one compute
       # warpgroup in the backward kernels), a leaf that is not a multiple of the tiles.
       dict(testcase_name="leaf_fp16_d256", dtype=jnp.float16, head_dim=256, block=300,
-           num_blocks=2, num_extra=40, per_block=True, causal=True),
+           num_blocks=2, num_extra=40, per_block=True, causal=True, window_size=32),
   )
   def test_lowers_for_hopper(self, *, dtype, head_dim, block, num_blocks, num_extra,
-                             per_block, causal):
+                             per_block, causal, window_size):
     """Forward and backward lower through Mosaic GPU for sm_90 (no GPU needed)."""
     inputs = random_inputs(_seed(self._testMethodName), batch=1, q_heads=4, kv_heads=2,
                            num_blocks=num_blocks, block_q=block, block_k=block, dk=head_dim,
@@ -208,7 +211,7 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
     spec = core.BlockSpec(block_q=block, block_k=block, causal=causal,
                           extra_keys=core.LOCAL if per_block else core.NONLOCAL,
                           diagonal_keys=core.ALL if causal else core.NONLOCAL, sink_size=4,
-                          window_size=32 if per_block else 0)
+                          window_size=window_size)
     fixed = {name: x for name, x in inputs.items() if name not in _DIFFERENTIABLE}
 
     def loss(diff, scale):
