@@ -7,7 +7,17 @@ The paper's headline experiment on a real model: Gemma 3 270M (PyPI
 each set of swapped layers the script prints the perplexity with exact attention and with
 the swap, on the same windows in the same run, and their ratio; it also times one forward
 pass and the global attention layers alone (on Q/K/V captured from the first window).
-Results go to ``--output_dir`` as ``gemma_perplexity.json`` and ``gemma_perplexity.png``.
+
+Several HyperAttention configurations compare in one run (``--variant``, each a name and
+the fields it changes). On the captured Q/K/V of the largest context the script also
+reports each configuration's attention-level error (relative Frobenius error of the output
+against exact attention) next to two baselines of equal cost: LSH blocks only (blocks of
+``block_size + sample_size`` keys, no samples) and uniform sampling only (``block_size +
+sample_size`` uniformly sampled earlier keys per query, weighted n/m, plus the query's own
+key). ``--timing_context`` times one global attention layer at longer lengths on random
+inputs of the model's shapes, for the quality-speed plot.
+Results go to ``--output_dir`` as ``gemma_perplexity.json``, ``gemma_perplexity.png`` and,
+with several variants, ``gemma_pareto.png``.
 
 A window of n tokens is the BOS token followed by n - 1 consecutive tokens of the novel;
 windows do not overlap, and every token after BOS is scored.
@@ -21,9 +31,20 @@ On a GPU, the full experiment::
 
   python3 examples/gemma_perplexity.py --context=8192,16384,32768 \\
       --hyper_layers=17,11+17,5+11+17 --num_windows=3 --novel=all --dtype=bfloat16 \\
-      --exact_implementation=cudnn --output_dir=/tmp/gemma_perplexity
+      --exact_implementation=cudnn --hyper_implementation=mosaic_gpu \\
+      --output_dir=/tmp/gemma_perplexity
+
+A configuration study at 32k with the quality-speed plot::
+
+  python3 examples/gemma_perplexity.py --context=32768 --hyper_layers=5+11+17 \\
+      --novel=all --dtype=bfloat16 --exact_implementation=cudnn \\
+      --hyper_implementation=mosaic_gpu --timing_context=131072 \\
+      --variant=paper:sink_size=0 --variant=default \\
+      --variant=window1k:window_size=1024 --variant=window1k_nosamples:window_size=1024,sample_size=0
 """
 
+import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -41,6 +62,7 @@ import gemma3
 import hyperattention_jax as ha
 
 _DEFAULTS = ha.HyperAttentionConfig()
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(ha.HyperAttentionConfig))
 
 _CONTEXT = flags.DEFINE_list("context", ["1024"], "Context lengths n (tokens, BOS included).")
 _HYPER_LAYERS = flags.DEFINE_list(
@@ -62,6 +84,12 @@ _SINK_SIZE = flags.DEFINE_integer("sink_size", _DEFAULTS.sink_size,
                                   "HyperAttentionConfig.sink_size.")
 _WINDOW_SIZE = flags.DEFINE_integer("window_size", _DEFAULTS.window_size,
                                     "HyperAttentionConfig.window_size.")
+_VARIANTS = flags.DEFINE_multi_string(
+    "variant", [],
+    "A named HyperAttention configuration to compare, 'name' or 'name:field=value,...', the "
+    "fields overriding the configuration of the flags above (e.g. 'paper:sink_size=0' or "
+    "'wide:window_size=2048,block_size=512'). Repeat for several. Unset: one variant, "
+    "'hyper', the flags' configuration.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Dtype of the weights and activations.")
 _EXACT_IMPLEMENTATION = flags.DEFINE_enum(
@@ -69,17 +97,27 @@ _EXACT_IMPLEMENTATION = flags.DEFINE_enum(
     "Exact attention: 'chunked' (memory-efficient, anywhere), 'xla' (materialises n x n), "
     "'cudnn' (GPU, bfloat16).")
 _HYPER_IMPLEMENTATION = flags.DEFINE_string(
-    "hyper_implementation", None, "hyper_attention implementation (None: best available).")
+    "hyper_implementation", None,
+    "hyper_attention implementation (None: best available; on a GPU that is exact attention "
+    "below the break-even length, so name 'mosaic_gpu' to measure shorter contexts).")
 _TIMING_REPEATS = flags.DEFINE_integer("timing_repeats", 3,
                                        "Timed runs per measurement (median reported); 0 skips "
                                        "timing.")
+_TIMING_CONTEXT = flags.DEFINE_list(
+    "timing_context", [],
+    "Further lengths at which one global attention layer alone is timed, on random inputs "
+    "of the model's shapes (e.g. 131072, beyond the model's context).")
+_ATTENTION_ERROR = flags.DEFINE_bool(
+    "attention_error", True,
+    "Report the attention-level error of each variant and of the two equal-cost baselines "
+    "on the global layers' Q/K/V of the first window of the largest context.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the LSH hyperplanes and the samples.")
 _GGUF = flags.DEFINE_string("gguf", None, "The .gguf file (default: the PyPI package's).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                 "Folder with the janeaustenr Rdata.rdb/.rdx (see "
                                 "austen_fetch.py).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "/tmp/gemma_perplexity",
-                                  "Where the JSON results and the PNG plot go.")
+                                  "Where the JSON results and the PNG plots go.")
 
 
 def parse_layer_sets(entries, config):
@@ -92,6 +130,30 @@ def parse_layer_sets(entries, config):
                            f"{config.global_layers}.")
     sets.append(layers)
   return sets
+
+
+def parse_variants(entries, base: ha.HyperAttentionConfig) -> dict:
+  """``["paper:sink_size=0", "default"]`` -> ``{"paper": config, "default": base}``."""
+  if not entries:
+    return {"hyper": base}
+  variants = {}
+  for entry in entries:
+    name, _, fields = entry.partition(":")
+    if not name or name == "exact" or "/" in name or name in variants:
+      raise app.UsageError(f"--variant {entry!r}: the name must be new, not empty, not "
+                           "'exact' and without '/'.")
+    overrides = {}
+    for item in filter(None, fields.split(",")):
+      field, _, value = item.partition("=")
+      if field not in _CONFIG_FIELDS or not value.lstrip("-").isdigit():
+        raise app.UsageError(f"--variant {entry!r}: {item!r} must be field=integer with a "
+                             f"field of {_CONFIG_FIELDS}.")
+      overrides[field] = int(value)
+    try:
+      variants[name] = base.replace(**overrides)
+    except ValueError as e:
+      raise app.UsageError(f"--variant {entry!r}: {e}") from e
+  return variants
 
 
 def token_windows(token_ids, n, num_windows, bos_id):
@@ -113,26 +175,46 @@ def timed(fn, repeats):
   return statistics.median(times)
 
 
-def layer_name(layers):
-  return "+".join(str(layer) for layer in layers)
+def run_name(variant, layers):
+  return f"{variant}/{'+'.join(str(layer) for layer in layers)}"
 
 
-def run_context(checkpoint, windows, n, layer_sets, hyper_config, progress):
+def attention_fns(variants):
+  """Exact and per-variant attention functions ``(q, k, v, *, scale, rng)`` of one layer."""
+  fns = {"exact": gemma3.ExactCausalAttention(_EXACT_IMPLEMENTATION.value)}
+  for name, hyper_config in variants.items():
+    fns[name] = gemma3.HyperCausalAttention(hyper_config, _HYPER_IMPLEMENTATION.value)
+  return fns
+
+
+def time_layers(fns, qkv_by_layer, scale, rng, repeats):
+  """``{"<fn>/<layer>": ms}``: each attention function alone on each layer's Q/K/V."""
+  times = {}
+  for name, fn in fns.items():
+    call = jax.jit(lambda q, k, v, r, fn=fn: fn(q, k, v, scale=scale, rng=r))
+    for layer, (q, k, v) in qkv_by_layer.items():
+      times[f"{name}/{layer}"] = 1e3 * timed(lambda call=call, q=q, k=k, v=v: call(q, k, v, rng),
+                                             repeats)
+  return times
+
+
+def run_context(checkpoint, windows, n, layer_sets, variants, progress):
   """Perplexities, forward times and attention-layer times at one context length."""
   config, params = checkpoint.config, checkpoint.params
   exact_impl, hyper_impl = _EXACT_IMPLEMENTATION.value, _HYPER_IMPLEMENTATION.value
-  variants = {"exact": gemma3.layer_attention(config, exact_implementation=exact_impl)}
-  for layers in layer_sets:
-    variants[layer_name(layers)] = gemma3.layer_attention(
-        config, hyper_layers=layers, hyper_config=hyper_config,
-        exact_implementation=exact_impl, hyper_implementation=hyper_impl)
+  runs = {"exact": gemma3.layer_attention(config, exact_implementation=exact_impl)}
+  for variant, hyper_config in variants.items():
+    for layers in layer_sets:
+      runs[run_name(variant, layers)] = gemma3.layer_attention(
+          config, hyper_layers=layers, hyper_config=hyper_config,
+          exact_implementation=exact_impl, hyper_implementation=hyper_impl)
   rng = jax.random.key(_SEED.value)
-  nll = {name: [] for name in variants}
+  nll = {name: [] for name in runs}
   captured = None
   for w, window in enumerate(windows):
     tokens = jnp.asarray(window)[None]
     window_rng = jax.random.fold_in(rng, w)
-    for name, attention in variants.items():
+    for name, attention in runs.items():
       capture = config.global_layers if (name == "exact" and w == 0) else ()
       out, qkv = gemma3.token_nll(params, tokens, window_rng, config=config,
                                   attention=attention, capture=capture)
@@ -151,23 +233,88 @@ def run_context(checkpoint, windows, n, layer_sets, hyper_config, progress):
   repeats = _TIMING_REPEATS.value
   if repeats > 0:
     tokens = jnp.asarray(windows[0])[None]
-    for name, attention in variants.items():
+    for name, attention in runs.items():
       result["forward_seconds"][name] = timed(
           lambda a=attention: gemma3.token_nll(params, tokens, rng, config=config,
                                                attention=a)[0], repeats)
     # The global attention layers alone, on the real Q/K/V of the first window.
-    exact_fn = gemma3.ExactCausalAttention(exact_impl)
-    hyper_fn = gemma3.HyperCausalAttention(hyper_config, hyper_impl)
-    for layer, (q, k, v) in captured.items():
-      for label, fn in (("exact", exact_fn), ("hyper", hyper_fn)):
-        call = jax.jit(lambda q, k, v, r, fn=fn: fn(q, k, v, scale=config.query_scale, rng=r))
-        result["attention_ms"][f"{label}/{layer}"] = 1e3 * timed(
-            lambda call=call, q=q, k=k, v=v: call(q, k, v, rng), repeats)
-  return result
+    result["attention_ms"] = time_layers(attention_fns(variants), captured,
+                                         config.query_scale, rng, repeats)
+  return result, captured
 
 
-def print_table(results, layer_sets, hyper_config):
-  header = f"{'n':>7} {'swapped layers':>15} {'ppl exact':>10} {'ppl hyper':>10} {'ratio':>7}"
+def uniform_sampling_attention(query, key, value, *, num_samples, scale, rng):
+  """Causal attention estimated from ``num_samples`` uniformly sampled key positions.
+
+  The baseline with no LSH: per head, positions drawn uniformly from ``[0, n)``; query i
+  adds the drawn positions ``j < i`` with weight ``n / num_samples`` (an unbiased estimate of
+  its sum over earlier keys) and its own key exactly, so every row has weight.
+  """
+  n, num_heads, num_kv = query.shape[1], query.shape[2], key.shape[2]
+  query, key, value = (x.astype(jnp.float32) for x in (query, key, value))
+  key, value = (jnp.repeat(x, num_heads // num_kv, axis=2) for x in (key, value))
+  rngs = jax.random.split(rng, num_heads)
+  index = jax.vmap(lambda r: jax.random.randint(r, (num_samples,), 0, n))(rngs)  # [h, m]
+  heads = jnp.arange(num_heads)[:, None]
+  sampled_k, sampled_v = key[:, index, heads], value[:, index, heads]  # [b, h, m, d]
+  logits = jnp.einsum("bqhd,bhmd->bhqm", query, sampled_k) * scale
+  earlier = index[:, None, :] < jnp.arange(n)[:, None]  # [h, q, m]
+  logits = jnp.where(earlier, logits + jnp.log(n / num_samples), -jnp.inf)
+  own = jnp.einsum("bqhd,bqhd->bhq", query, key)[..., None] * scale
+  weights = jax.nn.softmax(jnp.concatenate([own, logits], axis=-1), axis=-1)
+  out = (jnp.einsum("bhqm,bhmd->bqhd", weights[..., 1:], sampled_v)
+         + jnp.einsum("bhq,bqhd->bqhd", weights[..., 0], value))
+  return out
+
+
+def relative_error(out, reference):
+  out, reference = np.asarray(out, np.float64), np.asarray(reference, np.float64)
+  return float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+
+
+def attention_errors(variants, captured, scale, rng):
+  """Relative error of each variant and of the equal-cost baselines, mean over the layers.
+
+  Baselines for a variant of ``block_size + sample_size = c``: ``lsh_only_c`` (the paper's
+  algorithm with blocks of c keys and no samples: no sink, no window) and ``uniform_c``.
+  """
+  fns = {name: gemma3.HyperCausalAttention(cfg, _HYPER_IMPLEMENTATION.value)
+         for name, cfg in variants.items()}
+  for cost in sorted({cfg.block_size + cfg.sample_size for cfg in variants.values()}):
+    paper = _DEFAULTS.replace(sink_size=0, window_size=0, sample_size=0, block_size=cost,
+                              min_seq_len=min(cfg.min_seq_len for cfg in variants.values()))
+    fns[f"lsh_only_{cost}"] = gemma3.HyperCausalAttention(paper, _HYPER_IMPLEMENTATION.value)
+    fns[f"uniform_{cost}"] = functools.partial(uniform_sampling_attention, num_samples=cost)
+  exact = jax.jit(lambda q, k, v: ha.exact_attention(
+      *(x.astype(jnp.float32) for x in (q, k, v)), is_causal=True, scale=scale))
+  errors = {name: [] for name in fns}
+  for layer, (q, k, v) in captured.items():
+    reference = exact(q, k, v)
+    layer_rng = jax.random.fold_in(rng, layer)
+    for name, fn in fns.items():
+      out = jax.jit(lambda q, k, v, r, fn=fn: fn(q, k, v, scale=scale, rng=r))(q, k, v, layer_rng)
+      errors[name].append(relative_error(out, reference))
+  return {name: {"mean": float(np.mean(values)), "by_layer": dict(zip(captured, values))}
+          for name, values in errors.items()}
+
+
+def timing_at(lengths, config, variants, dtype, rng, repeats):
+  """``{n: {"<fn>/random": ms}}``: one global layer on random inputs of the model's shapes."""
+  out = {}
+  for n in lengths:
+    keys = jax.random.split(jax.random.fold_in(rng, n), 3)
+    shapes = ((1, n, config.num_heads, config.head_dim),
+              (1, n, config.num_kv_heads, config.head_dim),
+              (1, n, config.num_kv_heads, config.head_dim))
+    qkv = tuple(jax.random.normal(r, s, dtype) for r, s in zip(keys, shapes))
+    out[n] = time_layers(attention_fns(variants), {"random": qkv}, config.query_scale, rng,
+                         repeats)
+  return out
+
+
+def print_table(results, layer_sets, variants):
+  header = (f"{'n':>7} {'variant':>18} {'layers':>8} {'ppl exact':>10} {'ppl hyper':>10} "
+            f"{'ratio':>7}")
   timing = any(r["forward_seconds"] for r in results)
   if timing:
     header += (f" {'fwd exact s':>11} {'fwd hyper s':>11} {'attn exact ms':>13}"
@@ -176,24 +323,27 @@ def print_table(results, layer_sets, hyper_config):
   print("-" * len(header))
   for r in results:
     exact = r["perplexity"]["exact"]
-    for layers in layer_sets:
-      name = layer_name(layers)
-      line = (f"{r['n']:>7} {name:>15} {exact:>10.4f} {r['perplexity'][name]:>10.4f} "
-              f"{r['perplexity'][name] / exact:>7.4f}")
-      if timing:
-        attn_exact = sum(r["attention_ms"][f"exact/{layer}"] for layer in layers)
-        attn_hyper = sum(r["attention_ms"][f"hyper/{layer}"] for layer in layers)
-        line += (f" {r['forward_seconds']['exact']:>11.3f} {r['forward_seconds'][name]:>11.3f}"
-                 f" {attn_exact:>13.2f} {attn_hyper:>13.2f}")
-      print(line)
-  if any(r["n"] <= hyper_config.min_seq_len for r in results):
-    print(f"(n <= min_seq_len={hyper_config.min_seq_len}: hyper_attention is exact there.)")
+    for variant in variants:
+      for layers in layer_sets:
+        name = run_name(variant, layers)
+        line = (f"{r['n']:>7} {variant:>18} {name.split('/')[1]:>8} {exact:>10.4f} "
+                f"{r['perplexity'][name]:>10.4f} {r['perplexity'][name] / exact:>7.4f}")
+        if timing:
+          attn_exact = sum(r["attention_ms"][f"exact/{layer}"] for layer in layers)
+          attn_hyper = sum(r["attention_ms"][f"{variant}/{layer}"] for layer in layers)
+          line += (f" {r['forward_seconds']['exact']:>11.3f} "
+                   f"{r['forward_seconds'][name]:>11.3f} {attn_exact:>13.2f} "
+                   f"{attn_hyper:>13.2f}")
+        print(line)
+  for variant, cfg in variants.items():
+    if any(r["n"] <= cfg.min_seq_len for r in results):
+      print(f"({variant}: n <= min_seq_len={cfg.min_seq_len} is exact.)")
   if timing:
     print("fwd: one forward pass with scoring, per window; attn: the swapped global layers' "
           "attention alone, summed over those layers.")
 
 
-def plot(results, layer_sets, path):
+def plot(results, layer_sets, variants, path):
   """Perplexity ratio against n, and the loss by position at the largest n."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -201,17 +351,18 @@ def plot(results, layer_sets, path):
 
   fig, (ax_ratio, ax_pos) = plt.subplots(1, 2, figsize=(12, 4.5))
   ns = [r["n"] for r in results]
-  for layers in layer_sets:
-    name = layer_name(layers)
-    ratios = [r["perplexity"][name] / r["perplexity"]["exact"] for r in results]
-    ax_ratio.plot(ns, ratios, marker="o", label=f"layers {name}")
+  for variant in variants:
+    for layers in layer_sets:
+      name = run_name(variant, layers)
+      ratios = [r["perplexity"][name] / r["perplexity"]["exact"] for r in results]
+      ax_ratio.plot(ns, ratios, marker="o", label=name)
   ax_ratio.axhline(1.0, color="gray", lw=0.8)
   ax_ratio.set_xscale("log", base=2)
   ax_ratio.set_xticks(ns, [str(n) for n in ns])
   ax_ratio.set_xlabel("context length n (tokens)")
   ax_ratio.set_ylabel("perplexity, hyper / exact")
-  ax_ratio.set_title("Global layers swapped for hyper_attention")
-  ax_ratio.legend()
+  ax_ratio.set_title("Global layers swapped for hyper_attention (variant/layers)")
+  ax_ratio.legend(fontsize=7)
 
   last = results[-1]
   for name, values in last["nll_by_position"].items():
@@ -219,13 +370,47 @@ def plot(results, layer_sets, path):
     edges = np.unique(np.geomspace(1, len(values), 24).astype(int))
     centres = [np.sqrt(a * b) for a, b in zip(edges[:-1], edges[1:])]
     means = [values[a - 1:b - 1].mean() for a, b in zip(edges[:-1], edges[1:])]
-    label = "exact" if name == "exact" else f"hyper, layers {name}"
-    ax_pos.plot(centres, means, marker=".", label=label)
+    ax_pos.plot(centres, means, marker=".", label=name)
   ax_pos.set_xscale("log")
   ax_pos.set_xlabel("position in the window")
   ax_pos.set_ylabel("mean token loss (nats)")
   ax_pos.set_title(f"Loss by position, n = {last['n']}, mean of {last['windows']} window(s)")
-  ax_pos.legend()
+  ax_pos.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_pareto(result, layers, timings, path):
+  """Perplexity ratio against the global layers' attention time, per variant.
+
+  One panel at the largest measured context, one per ``--timing_context`` length (the
+  perplexity ratio there is the measured one at the largest context).
+  """
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  variants = sorted({name.split("/")[0] for name in result["attention_ms"]} - {"exact"})
+  ratio = {v: result["perplexity"][run_name(v, layers)] / result["perplexity"]["exact"]
+           for v in variants}
+  panels = [(result["n"], {v: sum(result["attention_ms"][f"{v}/{layer}"] for layer in layers)
+                           for v in ["exact"] + variants})]
+  for n, times in timings.items():
+    panels.append((n, {v: len(layers) * times[f"{v}/random"] for v in ["exact"] + variants}))
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+  for ax, (n, ms) in zip(axes[0], panels):
+    for v in variants:
+      ax.scatter(ms[v] / ms["exact"], ratio[v])
+      ax.annotate(v, (ms[v] / ms["exact"], ratio[v]), fontsize=7, xytext=(3, 3),
+                  textcoords="offset points")
+    ax.axvline(1.0, color="gray", lw=0.8)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel(f"attention time of layers {'+'.join(map(str, layers))} at n = {n}, "
+                  "hyper / exact")
+    ax.set_ylabel(f"perplexity ratio at n = {result['n']}")
+    ax.set_xscale("log")
+  fig.suptitle("HyperAttention configurations: quality against speed")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -240,10 +425,11 @@ def main(argv):
   contexts = sorted(int(n) for n in _CONTEXT.value)
   if max(contexts) > config.context_length:
     raise app.UsageError(f"--context must be <= the model's {config.context_length}.")
-  hyper_config = ha.HyperAttentionConfig(
+  base = ha.HyperAttentionConfig(
       block_size=_BLOCK_SIZE.value, sample_size=_SAMPLE_SIZE.value,
       num_projections=_NUM_PROJECTIONS.value, min_seq_len=_MIN_SEQ_LEN.value,
       sink_size=_SINK_SIZE.value, window_size=_WINDOW_SIZE.value)
+  variants = parse_variants(_VARIANTS.value, base)
 
   names = austen_fetch.NOVELS if _NOVEL.value == "all" else (_NOVEL.value,)
   texts = austen_fetch.novels(data_dir=_DATA_DIR.value)
@@ -252,27 +438,49 @@ def main(argv):
   windows = {n: [w for name in names for w in
                  token_windows(token_ids[name], n, _NUM_WINDOWS.value, config.bos_id)]
              for n in contexts}
-  print(f"backend {jax.default_backend()}, dtype {_DTYPE.value}, novels {', '.join(names)}, "
-        f"{hyper_config}")
+  print(f"backend {jax.default_backend()}, dtype {_DTYPE.value}, novels {', '.join(names)}")
+  for name, cfg in variants.items():
+    print(f"  {name}: {cfg}")
 
-  total = sum(len(w) for w in windows.values()) * (1 + len(layer_sets))
+  total = sum(len(w) for w in windows.values()) * (1 + len(layer_sets) * len(variants))
   results = []
   with tqdm(total=total, desc="windows") as progress:
     for n in contexts:
       progress.set_postfix(n=n)
-      results.append(run_context(checkpoint, windows[n], n, layer_sets, hyper_config, progress))
+      result, captured = run_context(checkpoint, windows[n], n, layer_sets, variants, progress)
+      results.append(result)
 
-  print_table(results, layer_sets, hyper_config)
+  print_table(results, layer_sets, variants)
+  rng = jax.random.key(_SEED.value)
+  summary = {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
+             "variants": {name: dataclasses.asdict(cfg) for name, cfg in variants.items()},
+             "results": results}
+  if _ATTENTION_ERROR.value:
+    summary["attention_error"] = attention_errors(variants, captured, config.query_scale, rng)
+    print(f"Attention-level relative error at n = {results[-1]['n']} (first window, mean "
+          f"over layers {config.global_layers}):")
+    for name, error in summary["attention_error"].items():
+      print(f"  {name:>24}: {error['mean']:.4f}")
+  timings = {}
+  if _TIMING_CONTEXT.value and _TIMING_REPEATS.value > 0:
+    timings = timing_at([int(n) for n in _TIMING_CONTEXT.value], config, variants, dtype, rng,
+                        _TIMING_REPEATS.value)
+    summary["timing_ms"] = timings
+    for n, times in timings.items():
+      print(f"One global layer at n = {n} (random inputs), ms: " +
+            ", ".join(f"{name.split('/')[0]} {ms:.2f}" for name, ms in times.items()))
+
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
   json_path = os.path.join(_OUTPUT_DIR.value, "gemma_perplexity.json")
-  png_path = os.path.join(_OUTPUT_DIR.value, "gemma_perplexity.png")
-  flag_values = {holder.name: holder.value for holder in globals().values()
-                 if isinstance(holder, flags.FlagHolder)}
+  summary["flags"] = {holder.name: holder.value for holder in globals().values()
+                      if isinstance(holder, flags.FlagHolder)}
   with open(json_path, "w", encoding="utf-8") as f:
-    json.dump({"flags": flag_values, "backend": jax.default_backend(),
-               "device": str(jax.devices()[0]), "results": results}, f, indent=1)
-  plot(results, layer_sets, png_path)
-  print(f"wrote {json_path} and {png_path}")
+    json.dump(summary, f, indent=1)
+  plot(results, layer_sets, variants, os.path.join(_OUTPUT_DIR.value, "gemma_perplexity.png"))
+  print(f"wrote {json_path} and the plots")
+  if len(variants) > 1 and results[-1]["attention_ms"]:
+    plot_pareto(results[-1], layer_sets[-1], timings,
+                os.path.join(_OUTPUT_DIR.value, "gemma_pareto.png"))
 
 
 if __name__ == "__main__":

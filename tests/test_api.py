@@ -218,8 +218,9 @@ class InvarianceTest(parameterized.TestCase):
     self.assertGreater(float(jnp.abs(a - c).max()), 0.0)
     np.testing.assert_array_equal(attend(q, k, v, config=SMALL), attend(q, k, v, config=SMALL))
 
-  @parameterized.parameters(False, True)
-  def test_batch_invariance(self, causal):
+  def test_batch_invariance(self):
+    # Causal: the recursion's rectangles are batched with the rows, the strictest case.
+    causal = True
     q, k, v = random_qkv(fresh_key(), batch=3)
     lengths = jnp.array([100, 61, 90])
     run = lambda q, k, v, n: attend(q, k, v, config=SMALL.replace(sink_size=2), is_causal=causal,
@@ -267,7 +268,7 @@ class InvarianceTest(parameterized.TestCase):
 
   def test_remat_and_value_head_dim(self):
     q, k, v = random_qkv(fresh_key(), v_dim=24)
-    fn = jax.checkpoint(lambda q: ha.hyper_attention(q, k, v, config=SMALL, is_causal=True))
+    fn = jax.checkpoint(lambda q: ha.hyper_attention(q, k, v, config=SMALL))
     out = jax.jit(fn)(q)
     self.assertEqual(out.shape, (2, 100, 4, 24))
     chex.assert_tree_all_finite(jax.jit(jax.grad(lambda q: jnp.sum(fn(q))))(q))

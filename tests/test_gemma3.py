@@ -20,6 +20,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import hyperattention_jax as ha
 
@@ -226,6 +227,8 @@ class SlidingWindowTest(parameterized.TestCase):
 
 
 class Gemma270mTest(parameterized.TestCase):
+  # One test worker loads the weights for the whole class (pytest-xdist --dist loadgroup).
+  pytestmark = pytest.mark.xdist_group("gemma3_270m")
 
   @classmethod
   def setUpClass(cls):
