@@ -143,30 +143,46 @@ def check_local(name, *, heads, seq, block, causal, sink_size, window_size, dtyp
                           sink_size=sink_size, window_size=window_size,
                           scale=1 / np.sqrt(128), seed=seed)
   result = run(mosaic_gpu.block_attention)
-  errors = compare(name, result, run(core.block_attention))
-  ok = max(errors.values()) < tol
+  reference = run(core.block_attention)
+  errors = compare(name, result, reference)
+  # Gradients of the sink keys sum over every query row, so 16-bit rounding (of o, from
+  # which both sides take delta) adds up there: judge both against float32 inputs, and
+  # accept kernel errors up to twice the 16-bit reference's own.
+  run32 = functools.partial(local_vjp, inputs={n: x.astype(jnp.float32) if x.dtype == dtype
+                                               else x for n, x in inputs.items()},
+                            causal=causal, block=block, sink_size=sink_size,
+                            window_size=window_size, scale=1 / np.sqrt(128), seed=seed)
+  reference32 = run32(core.block_attention)
+  print("  against float32 inputs, the kernels and then the reference:")
+  kernel32 = compare(name, result, reference32)
+  ref32 = compare(name, reference, reference32)
+  ok = all(err < tol or err <= 2 * ref32[path] for path, err in kernel32.items())
   print(f"  {'PASS' if ok else 'FAIL'}", flush=True)
-  return dict(errors=errors, ok=ok)
+  return dict(errors=errors, errors_vs_f32=kernel32, reference_errors_vs_f32=ref32, ok=ok)
 
 
-def check_end_to_end(name, *, seq, heads, causal, seed, tol, implementation="mosaic_gpu"):
+def check_end_to_end(name, *, seq, heads, causal, seed, tol, implementation="mosaic_gpu",
+                     kv_heads=None, head_dim=128, config=None):
   """hyper_attention with mosaic_gpu (or the default dispatch) against xla: same samples."""
   keys = jax.random.split(jax.random.key(seed), 4)
-  shape = (1, seq, heads, 128)
-  q, k, v = (_normal(key, shape, jnp.bfloat16) for key in keys[:3])
-  d_out = _normal(keys[3], shape, jnp.bfloat16)
+  q_shape = (1, seq, heads, head_dim)
+  kv_shape = (1, seq, kv_heads or heads, head_dim)
+  q = _normal(keys[0], q_shape, jnp.bfloat16)
+  k, v = (_normal(key, kv_shape, jnp.bfloat16) for key in keys[1:3])
+  d_out = _normal(keys[3], q_shape, jnp.bfloat16)
 
   def run(implementation):
     @jax.jit
     def go(q, k, v):
       attend = lambda q, k, v: ha.hyper_attention(q, k, v, rng=jax.random.key(7),
-                                                  is_causal=causal,
+                                                  is_causal=causal, config=config,
                                                   implementation=implementation)
       out, vjp = jax.vjp(attend, q, k, v)
       return out, vjp(d_out)
     return go(q, k, v)
 
-  print(f"[{name}] hyper_attention seq={seq} heads={heads} causal={causal}", flush=True)
+  print(f"[{name}] hyper_attention seq={seq} heads={heads}/{kv_heads or heads} d={head_dim} "
+        f"causal={causal} {config or ha.HyperAttentionConfig()}", flush=True)
   errors = compare(name, run(implementation), run("xla"))
   ok = max(errors.values()) < tol
   print(f"  {'PASS' if ok else 'FAIL'}", flush=True)
@@ -202,6 +218,11 @@ def main(argv):
                                              block_q=200, block_k=300, dk=128, dv=64,
                                              num_extra=200, dtype=jnp.bfloat16),
           lsh(block_q=200, block_k=300, window_size=0), 1 / np.sqrt(128), 4, tol),
+      "lsh_window_d128_bf16": lambda: check_primitive(
+          "lsh_window_d128_bf16", lsh_inputs(5, q_heads=16, kv_heads=4, num_blocks=32,
+                                             block_q=256, block_k=256, dk=128, dv=128,
+                                             num_extra=256, dtype=jnp.bfloat16),
+          lsh(block_q=256, block_k=256, window_size=1024), 1 / np.sqrt(128), 5, tol),
       "leaves_4096": lambda: check_local(
           "leaves_4096", heads=8, seq=16384, block=4096, causal=True, sink_size=4,
           window_size=0, dtype=jnp.bfloat16, seed=5, tol=tol),
@@ -215,6 +236,10 @@ def main(argv):
           "end_to_end_causal", seq=16384, heads=8, causal=True, seed=8, tol=tol),
       "end_to_end_noncausal": lambda: check_end_to_end(
           "end_to_end_noncausal", seq=16384, heads=8, causal=False, seed=9, tol=tol),
+      "end_to_end_gemma_window": lambda: check_end_to_end(
+          "end_to_end_gemma_window", seq=32768, heads=4, kv_heads=1, head_dim=256,
+          causal=True, seed=11, tol=tol,
+          config=ha.HyperAttentionConfig(window_size=1024, block_size=512, min_seq_len=8192)),
       "end_to_end_exact_4096": lambda: check_end_to_end(
           "end_to_end_exact_4096", seq=4096, heads=8, causal=True, seed=10, tol=tol,
           implementation=None),

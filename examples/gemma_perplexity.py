@@ -287,13 +287,14 @@ def attention_errors(variants, captured, scale, rng):
     fns[f"uniform_{cost}"] = functools.partial(uniform_sampling_attention, num_samples=cost)
   exact = jax.jit(lambda q, k, v: ha.exact_attention(
       *(x.astype(jnp.float32) for x in (q, k, v)), is_causal=True, scale=scale))
+  calls = {name: jax.jit(lambda q, k, v, r, fn=fn: fn(q, k, v, scale=scale, rng=r))
+           for name, fn in fns.items()}
   errors = {name: [] for name in fns}
   for layer, (q, k, v) in captured.items():
     reference = exact(q, k, v)
     layer_rng = jax.random.fold_in(rng, layer)
-    for name, fn in fns.items():
-      out = jax.jit(lambda q, k, v, r, fn=fn: fn(q, k, v, scale=scale, rng=r))(q, k, v, layer_rng)
-      errors[name].append(relative_error(out, reference))
+    for name, call in calls.items():
+      errors[name].append(relative_error(call(q, k, v, layer_rng), reference))
   return {name: {"mean": float(np.mean(values)), "by_layer": dict(zip(captured, values))}
           for name, values in errors.items()}
 
