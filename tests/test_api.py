@@ -59,7 +59,8 @@ class ExactnessTest(parameterized.TestCase):
   @parameterized.product(
       (dict(case="short", dtype=jnp.float32), dict(case="one_block", dtype=jnp.float32),
        dict(case="local_covers_all", dtype=jnp.float32),
-       dict(case="local_covers_all", dtype=jnp.bfloat16)),
+       dict(case="local_covers_all", dtype=jnp.bfloat16),
+       dict(case="named_configuration", dtype=jnp.float32)),
       causal=(False, True),
   )
   def test_degenerate_cases_are_exact(self, causal, dtype, case):
@@ -70,6 +71,8 @@ class ExactnessTest(parameterized.TestCase):
         "one_block": ha.HyperAttentionConfig(block_size=77, sample_size=8, min_seq_len=20),
         # Every key within the window: the LSH part has nothing left to approximate.
         "local_covers_all": SMALL.replace(sink_size=3, window_size=77),
+        # Inputs shorter than its min_seq_len.
+        "named_configuration": ha.PRETRAINED_LM_CONFIG,
     }[case]
     got, got_lse = attend(q, k, v, is_causal=causal, config=config, return_lse=True,
                           key_value_seq_lengths=lengths)
@@ -158,7 +161,7 @@ def dense_hyper_attention(q, k, v, projections, rng, config, lengths):
   local = (pos[None, :] < config.sink_size) | (
       jnp.abs(pos[:, None] - pos[None, :]) < config.window_size)
   weight = jnp.where(local | same_block, 1.0,
-                     counts[..., None, :] * lengths[:, None, None, None] / config.sample_size)
+                     counts[..., None, :] * lengths[:, None, None, None] / max(config.sample_size, 1))
   weight = jnp.where(valid[:, None, None, :], weight, 0.0)
   logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(q.shape[-1])
   logits = logits + jnp.log(weight)
@@ -167,12 +170,13 @@ def dense_hyper_attention(q, k, v, projections, rng, config, lengths):
 
 class GradientTest(parameterized.TestCase):
 
-  @parameterized.parameters((0, 0), (2, 4))
-  def test_gradient_matches_dense_formulation(self, sink, window):
+  # The paper's algorithm; with sinks and a window; and those without the sampled residual.
+  @parameterized.parameters((0, 0, 8), (2, 4, 8), (2, 4, 0))
+  def test_gradient_matches_dense_formulation(self, sink, window, samples):
     q, k, v = random_qkv(fresh_key(), q_len=64, dim=8)
     lengths = jnp.array([64, 45])
     projections = jax.random.normal(fresh_key(), (8, 4))
-    config = SMALL.replace(sink_size=sink, window_size=window)
+    config = SMALL.replace(sink_size=sink, window_size=window, sample_size=samples)
     rng = fresh_key()
     cotangent = jax.random.normal(fresh_key(), q.shape)
 
