@@ -16,8 +16,9 @@ against exact attention) next to two baselines of equal cost: LSH blocks only (b
 sample_size`` uniformly sampled earlier keys per query, weighted n/m, plus the query's own
 key). ``--timing_context`` times one global attention layer at longer lengths on random
 inputs of the model's shapes, for the quality-speed plot.
-Results go to ``--output_dir`` as ``gemma_perplexity.json``, ``gemma_perplexity.png`` and,
-with several variants, ``gemma_pareto.png``.
+Results go to ``--output_dir`` as ``gemma_perplexity.json`` (rewritten as each measurement
+ends, so a stopped run keeps what it measured), ``gemma_perplexity.png`` and, with several
+variants, ``gemma_pareto.png``.
 
 A window of n tokens is the BOS token followed by n - 1 consecutive tokens of the novel;
 windows do not overlap, and every token after BOS is scored.
@@ -199,7 +200,7 @@ def time_layers(fns, qkv_by_layer, scale, rng, repeats):
 
 
 def run_context(checkpoint, windows, n, layer_sets, variants, progress):
-  """Perplexities, forward times and attention-layer times at one context length."""
+  """Perplexities at one context length, the attention of each run, and the captured Q/K/V."""
   config, params = checkpoint.config, checkpoint.params
   exact_impl, hyper_impl = _EXACT_IMPLEMENTATION.value, _HYPER_IMPLEMENTATION.value
   runs = {"exact": gemma3.layer_attention(config, exact_implementation=exact_impl)}
@@ -230,17 +231,21 @@ def run_context(checkpoint, windows, n, layer_sets, variants, progress):
     result["perplexity"][name] = float(np.exp(stacked.mean()))
     result["nll_by_position"][name] = stacked.mean(axis=0).tolist()
 
-  repeats = _TIMING_REPEATS.value
-  if repeats > 0:
-    tokens = jnp.asarray(windows[0])[None]
-    for name, attention in runs.items():
-      result["forward_seconds"][name] = timed(
-          lambda a=attention: gemma3.token_nll(params, tokens, rng, config=config,
-                                               attention=a)[0], repeats)
-    # The global attention layers alone, on the real Q/K/V of the first window.
-    result["attention_ms"] = time_layers(attention_fns(variants), captured,
-                                         config.query_scale, rng, repeats)
-  return result, captured
+  return result, runs, captured
+
+
+def time_context(checkpoint, window, runs, variants, captured, result, repeats):
+  """Adds forward and attention-layer times (ms) to ``result``: first window, first layer set."""
+  config, params = checkpoint.config, checkpoint.params
+  rng = jax.random.key(_SEED.value)
+  tokens = jnp.asarray(window)[None]
+  for name, attention in runs.items():
+    result["forward_seconds"][name] = timed(
+        lambda a=attention: gemma3.token_nll(params, tokens, rng, config=config,
+                                             attention=a)[0], repeats)
+  # The global attention layers alone, on the real Q/K/V of the first window.
+  result["attention_ms"] = time_layers(attention_fns(variants), captured, config.query_scale,
+                                       rng, repeats)
 
 
 def uniform_sampling_attention(query, key, value, *, num_samples, scale, rng):
@@ -444,39 +449,53 @@ def main(argv):
     print(f"  {name}: {cfg}")
 
   total = sum(len(w) for w in windows.values()) * (1 + len(layer_sets) * len(variants))
+  rng = jax.random.key(_SEED.value)
   results = []
+  summary = {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
+             "variants": {name: dataclasses.asdict(cfg) for name, cfg in variants.items()},
+             "results": results,
+             "flags": {holder.name: holder.value for holder in globals().values()
+                       if isinstance(holder, flags.FlagHolder)}}
+  os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
+  json_path = os.path.join(_OUTPUT_DIR.value, "gemma_perplexity.json")
+
+  def write():
+    """The results so far: a run stopped part way keeps what it measured."""
+    with open(json_path, "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=1)
+
+  repeats = _TIMING_REPEATS.value
   with tqdm(total=total, desc="windows") as progress:
     for n in contexts:
       progress.set_postfix(n=n)
-      result, captured = run_context(checkpoint, windows[n], n, layer_sets, variants, progress)
+      result, runs, captured = run_context(checkpoint, windows[n], n, layer_sets, variants,
+                                           progress)
       results.append(result)
+      write()
+      tqdm.write(f"n = {n}: perplexity " + ", ".join(
+          f"{name} {ppl:.4f}" for name, ppl in result["perplexity"].items()))
+      if repeats > 0:
+        time_context(checkpoint, windows[n][0], runs, variants, captured, result, repeats)
+        write()
 
   print_table(results, layer_sets, variants)
-  rng = jax.random.key(_SEED.value)
-  summary = {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
-             "variants": {name: dataclasses.asdict(cfg) for name, cfg in variants.items()},
-             "results": results}
   if _ATTENTION_ERROR.value:
     summary["attention_error"] = attention_errors(variants, captured, config.query_scale, rng)
+    write()
     print(f"Attention-level relative error at n = {results[-1]['n']} (first window, mean "
           f"over layers {config.global_layers}):")
     for name, error in summary["attention_error"].items():
       print(f"  {name:>24}: {error['mean']:.4f}")
   timings = {}
-  if _TIMING_CONTEXT.value and _TIMING_REPEATS.value > 0:
+  if _TIMING_CONTEXT.value and repeats > 0:
     timings = timing_at([int(n) for n in _TIMING_CONTEXT.value], config, variants, dtype, rng,
-                        _TIMING_REPEATS.value)
+                        repeats)
     summary["timing_ms"] = timings
+    write()
     for n, times in timings.items():
       print(f"One global layer at n = {n} (random inputs), ms: " +
             ", ".join(f"{name.split('/')[0]} {ms:.2f}" for name, ms in times.items()))
 
-  os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
-  json_path = os.path.join(_OUTPUT_DIR.value, "gemma_perplexity.json")
-  summary["flags"] = {holder.name: holder.value for holder in globals().values()
-                      if isinstance(holder, flags.FlagHolder)}
-  with open(json_path, "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
   plot(results, layer_sets, variants, os.path.join(_OUTPUT_DIR.value, "gemma_perplexity.png"))
   print(f"wrote {json_path} and the plots")
   if len(variants) > 1 and results[-1]["attention_ms"]:
