@@ -31,6 +31,12 @@ _LENGTHS = flags.DEFINE_list("lengths", ["4096", "8192", "16384", "32768", "6553
 _BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
 _HEADS = flags.DEFINE_integer("heads", 32, "Attention heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
+_KV_HEADS = flags.DEFINE_integer("kv_heads", None, "Key/value heads (GQA); default: --heads.")
+PRESETS = {"default": ha.HyperAttentionConfig(), "paper": ha.PAPER_CONFIG,
+           "pretrained_lm": ha.PRETRAINED_LM_CONFIG}
+_PRESET = flags.DEFINE_enum("preset", "default", list(PRESETS),
+                            "hyper_attention's configuration: HyperAttentionConfig(), "
+                            "ha.PAPER_CONFIG or ha.PRETRAINED_LM_CONFIG.")
 _IMPLS = flags.DEFINE_list(
     "implementations", ["auto", "xla", "exact"],
     "What to time: 'auto' (hyper_attention's default dispatch: the Mosaic GPU kernels on "
@@ -54,6 +60,8 @@ def exact_attention_fn(causal):
 
     def tpu_flash(q, k, v):
       swap = lambda x: jnp.swapaxes(x, 1, 2)  # the op's layout is [batch, heads, seq, dim]
+      groups = q.shape[2] // k.shape[2]  # the op wants as many key/value heads as queries
+      k, v = (jnp.repeat(x, groups, axis=2) for x in (k, v))
       return swap(flash_attention.flash_attention(swap(q), swap(k), swap(v), causal=causal,
                                                   sm_scale=q.shape[-1]**-0.5))
     return tpu_flash
@@ -72,6 +80,7 @@ def attention_fn(impl, causal):
   if impl in EXACT:
     return exact_attention_fn(causal)
   return functools.partial(ha.hyper_attention, rng=jax.random.key(0), is_causal=causal,
+                           config=PRESETS[_PRESET.value],
                            implementation=None if impl == "auto" else impl)
 
 
@@ -88,9 +97,10 @@ def relative_error(out, exact):
 
 def measure_point(n, causal, results):
   shape = (_BATCH.value, n, _HEADS.value, _HEAD_DIM.value)
+  kv_shape = (_BATCH.value, n, _KV_HEADS.value or _HEADS.value, _HEAD_DIM.value)
   keys = jax.random.split(jax.random.key(n + causal), 4)
-  q, k, v, d_out = (jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16)
-                    for key in keys)
+  q, k, v, d_out = (jax.random.normal(key, s, jnp.float32).astype(jnp.bfloat16)
+                    for key, s in zip(keys, (shape, kv_shape, kv_shape, shape)))
   exact_out = None
   if any(impl in EXACT for impl in _IMPLS.value):
     exact_out = jax.jit(exact_attention_fn(causal))(q, k, v)
@@ -122,7 +132,9 @@ def measure_point(n, causal, results):
         os.makedirs(_OUT_DIR.value, exist_ok=True)
         with open(os.path.join(_OUT_DIR.value, "results.json"), "w", encoding="utf-8") as f:
           json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                         results=results), f, indent=1)
+                         preset=_PRESET.value, config=str(PRESETS[_PRESET.value]),
+                         kv_heads=_KV_HEADS.value or _HEADS.value, results=results), f,
+                    indent=1)
       err = f" rel.err {row['rel_error_vs_exact']:.3f}" if "rel_error_vs_exact" in row else ""
       print(f"{label} {ms:10.3f} ms  (first call {first:5.1f} s){err}", flush=True)
 
