@@ -24,6 +24,7 @@ from hyperattention_jax import api
 from hyperattention_jax import core
 from hyperattention_jax.kernels import REGISTRY
 from hyperattention_jax.kernels import mosaic_gpu
+from hyperattention_jax.kernels.testing import random_inputs
 from hyperattention_jax.kernels.mosaic_gpu import exact
 from hyperattention_jax.kernels.mosaic_gpu import layout
 
@@ -54,48 +55,6 @@ _CASES = (
 
 def _seed(name: str) -> int:
   return zlib.crc32(name.encode())
-
-
-def random_inputs(seed, *, batch, q_heads, kv_heads, num_blocks, block_q, block_k, dk, dv,
-                  num_extra, per_block, dtype, causal=False, sinks=False):
-  """Random arguments of the core primitive (none zero), as the callers build them."""
-  rng = np.random.default_rng(seed)
-  nq, nk = num_blocks * block_q, num_blocks * block_k
-  sets = num_blocks if per_block else 1
-  if causal or sinks:  # rows in original order
-    q_pos = np.broadcast_to(np.arange(nq), (batch, q_heads, nq)).copy()
-    k_pos = np.broadcast_to(np.arange(nk), (batch, kv_heads, nk)).copy()
-    if causal:  # the last rows are padding, as the causal recursion pads them
-      q_pos[..., nq - 5:] = -1
-      k_pos[..., nk - 7:] = -1
-  else:
-    q_pos = np.stack([[rng.permutation(nq) for _ in range(q_heads)] for _ in range(batch)])
-    k_pos = np.stack([[rng.permutation(nk) for _ in range(kv_heads)] for _ in range(batch)])
-    k_pos = np.where(rng.random(k_pos.shape) < 0.15, -1, k_pos)
-  if sinks:  # block b's extra set: the sinks, unused where they lie in block b itself
-    starts = np.arange(sets)[:, None] * block_k
-    extra_pos = np.broadcast_to(np.arange(num_extra), (sets, num_extra))
-    extra_pos = np.where(extra_pos >= starts, -1, extra_pos)
-    extra_pos = np.broadcast_to(extra_pos, (batch, kv_heads, sets, num_extra))
-  elif causal:  # sinks and positions shortly before the block
-    starts = np.arange(sets)[:, None] * block_k
-    extra_pos = starts - rng.integers(1, 3 * num_extra, size=(batch, kv_heads, sets, num_extra))
-    extra_pos = np.where(extra_pos < 0, rng.integers(0, 2, size=extra_pos.shape), extra_pos)
-  else:
-    extra_pos = rng.integers(-1, nk, size=(batch, kv_heads, sets, num_extra))
-  if per_block:
-    extra_block = np.full(extra_pos.shape, -1)
-  else:
-    extra_block = rng.integers(0, num_blocks, size=extra_pos.shape)
-  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
-  return dict(
-      q=normal(batch, q_heads, nq, dk), k=normal(batch, kv_heads, nk, dk),
-      v=normal(batch, kv_heads, nk, dv), q_pos=jnp.asarray(q_pos, jnp.int32),
-      k_pos=jnp.asarray(k_pos, jnp.int32), extra_k=normal(batch, kv_heads, sets, num_extra, dk),
-      extra_v=normal(batch, kv_heads, sets, num_extra, dv),
-      extra_pos=jnp.asarray(extra_pos, jnp.int32),
-      extra_block=jnp.asarray(extra_block, jnp.int32),
-      extra_bias=jnp.asarray(rng.normal(size=(batch,)) + 1.0, jnp.float32))
 
 
 _DIFFERENTIABLE = ("q", "k", "v", "extra_k", "extra_v", "extra_bias")

@@ -26,8 +26,8 @@ from hyperattention_jax.kernels import REGISTRY
 from hyperattention_jax.kernels import mosaic_tpu
 from hyperattention_jax.kernels.mosaic_tpu import BlockSizes
 from hyperattention_jax.kernels.mosaic_tpu import tiling
-from hyperattention_jax.kernels.mosaic_tpu.selfcheck import (DIFFERENTIABLE, forward_and_vjp,
-                                                              random_inputs)
+from hyperattention_jax.kernels.mosaic_tpu.selfcheck import DIFFERENTIABLE, forward_and_vjp
+from hyperattention_jax.kernels.testing import random_inputs
 
 # Small tiles so that a block spans several of them, a streamed extra set, and one query
 # head per step (the heads of a group otherwise share a step).

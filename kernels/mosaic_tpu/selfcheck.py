@@ -9,7 +9,8 @@ of ``core.block_attention``, prints the largest error relative to each output's 
 and the median wall time of both. The tile flags override ``default_block_sizes()``, so
 one run per setting compares block sizes. ``--interpret`` runs small shapes on CPU.
 
-The input generator and the forward + VJP driver are shared with the tests.
+The forward + VJP driver is shared with the tests; the inputs come from
+``hyperattention_jax.kernels.testing``.
 """
 
 import argparse
@@ -24,44 +25,9 @@ import numpy as np
 from hyperattention_jax import core
 from hyperattention_jax.kernels.mosaic_tpu import attention
 from hyperattention_jax.kernels.mosaic_tpu import tiling
+from hyperattention_jax.kernels.testing import random_inputs
 
 DIFFERENTIABLE = ("q", "k", "v", "extra_k", "extra_v", "extra_bias")
-
-
-def random_inputs(seed, *, batch, q_heads, kv_heads, num_blocks, block_q, block_k, dk, dv,
-                  num_extra, per_block, dtype, causal=False):
-  """Random arguments of the core primitive (none zero), laid out as the callers build them.
-
-  Non-causal calls get shuffled positions (LSH-sorted rows) and some padding keys;
-  causal leaves get rows in order with the last query rows and keys padded (position
-  -1), as the causal recursion pads them. Shared extra sets carry random blocks;
-  per-block sets never lie in their own block.
-  """
-  rng = np.random.default_rng(seed)
-  nq, nk = num_blocks * block_q, num_blocks * block_k
-  if causal:
-    q_pos = np.broadcast_to(np.arange(nq), (batch, q_heads, nq)).copy()
-    k_pos = np.broadcast_to(np.arange(nk), (batch, kv_heads, nk)).copy()
-    q_pos[..., nq - 5:] = -1
-    k_pos[..., nk - 7:] = -1
-  else:
-    q_pos = np.stack([[rng.permutation(nq) for _ in range(q_heads)] for _ in range(batch)])
-    k_pos = np.stack([[rng.permutation(nk) for _ in range(kv_heads)] for _ in range(batch)])
-    k_pos = np.where(rng.random(k_pos.shape) < 0.15, -1, k_pos)
-  sets = num_blocks if per_block else 1
-  extra_pos = rng.integers(-1, nk, size=(batch, kv_heads, sets, num_extra))
-  if per_block:
-    extra_block = np.full(extra_pos.shape, -1)
-  else:
-    extra_block = rng.integers(0, num_blocks, size=extra_pos.shape)
-  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
-  as_int = lambda x: jnp.asarray(x, jnp.int32)
-  return dict(q=normal(batch, q_heads, nq, dk), k=normal(batch, kv_heads, nk, dk),
-              v=normal(batch, kv_heads, nk, dv), q_pos=as_int(q_pos), k_pos=as_int(k_pos),
-              extra_k=normal(batch, kv_heads, sets, num_extra, dk),
-              extra_v=normal(batch, kv_heads, sets, num_extra, dv),
-              extra_pos=as_int(extra_pos), extra_block=as_int(extra_block),
-              extra_bias=jnp.asarray(rng.normal(size=(batch,)) + 1.0, jnp.float32))
 
 
 def forward_and_vjp_fn(block_attention, inputs, spec, seed):
