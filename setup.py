@@ -17,7 +17,8 @@ setuptools.setup(
     license="Apache-2.0",
     python_requires=">=3.12",
     packages=setuptools.find_packages(include=["hyperattention_jax", "hyperattention_jax.*"])
-    + ["hyperattention_jax.kernels"],
+    + ["hyperattention_jax.kernels"]
+    + [f"hyperattention_jax.kernels.{name}" for name in setuptools.find_packages("kernels")],
     package_dir={"hyperattention_jax.kernels": "kernels"},
     install_requires=[
         "jax==0.11.2",
