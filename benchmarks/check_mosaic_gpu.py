@@ -139,20 +139,16 @@ def check_local(name, *, heads, seq, block, causal, sink_size, window_size, dtyp
                 v=_normal(keys[2], shape, dtype), q_pos=positions, k_pos=positions)
   print(f"[{name}] local part: seq={seq} block={block} causal={causal} sink={sink_size} "
         f"window={window_size} {jnp.dtype(dtype).name}", flush=True)
-  run = functools.partial(local_vjp, inputs=inputs, causal=causal, block=block,
-                          sink_size=sink_size, window_size=window_size,
-                          scale=1 / np.sqrt(128), seed=seed)
-  result = run(mosaic_gpu.block_attention)
-  reference = run(core.block_attention)
+  run = functools.partial(local_vjp, causal=causal, block=block, sink_size=sink_size,
+                          window_size=window_size, scale=1 / np.sqrt(128), seed=seed)
+  result = run(mosaic_gpu.block_attention, inputs)
+  reference = run(core.block_attention, inputs)
   errors = compare(name, result, reference)
   # Gradients of the sink keys sum over every query row, so 16-bit rounding (of o, from
   # which both sides take delta) adds up there: judge both against float32 inputs, and
   # accept kernel errors up to twice the 16-bit reference's own.
-  run32 = functools.partial(local_vjp, inputs={n: x.astype(jnp.float32) if x.dtype == dtype
-                                               else x for n, x in inputs.items()},
-                            causal=causal, block=block, sink_size=sink_size,
-                            window_size=window_size, scale=1 / np.sqrt(128), seed=seed)
-  reference32 = run32(core.block_attention)
+  inputs32 = {n: x.astype(jnp.float32) if x.dtype == dtype else x for n, x in inputs.items()}
+  reference32 = run(core.block_attention, inputs32)
   print("  against float32 inputs, the kernels and then the reference:")
   kernel32 = compare(name, result, reference32)
   ref32 = compare(name, reference, reference32)

@@ -188,11 +188,16 @@ def attention_fns(variants):
   return fns
 
 
+def jitted(fn, scale):
+  """``fn(q, k, v, *, scale, rng)`` as a jitted ``(q, k, v, rng) -> out`` with a fixed scale."""
+  return jax.jit(lambda q, k, v, r: fn(q, k, v, scale=scale, rng=r))
+
+
 def time_layers(fns, qkv_by_layer, scale, rng, repeats):
   """``{"<fn>/<layer>": ms}``: each attention function alone on each layer's Q/K/V."""
   times = {}
   for name, fn in fns.items():
-    call = jax.jit(lambda q, k, v, r, fn=fn: fn(q, k, v, scale=scale, rng=r))
+    call = jitted(fn, scale)
     for layer, (q, k, v) in qkv_by_layer.items():
       times[f"{name}/{layer}"] = 1e3 * timed(lambda call=call, q=q, k=k, v=v: call(q, k, v, rng),
                                              repeats)
@@ -292,8 +297,7 @@ def attention_errors(variants, captured, scale, rng):
     fns[f"uniform_{cost}"] = functools.partial(uniform_sampling_attention, num_samples=cost)
   exact = jax.jit(lambda q, k, v: ha.exact_attention(
       *(x.astype(jnp.float32) for x in (q, k, v)), is_causal=True, scale=scale))
-  calls = {name: jax.jit(lambda q, k, v, r, fn=fn: fn(q, k, v, scale=scale, rng=r))
-           for name, fn in fns.items()}
+  calls = {name: jitted(fn, scale) for name, fn in fns.items()}
   errors = {name: [] for name in fns}
   for layer, (q, k, v) in captured.items():
     reference = exact(q, k, v)
