@@ -34,11 +34,14 @@ Measured (validation perplexity per byte on "Persuasion", HyperAttention / exact
   22.37 / 22.36; step 40: 22.21 / 22.17 (ratio 1.002). The run took 86 s of user CPU time
   (222 s of wall-clock time on a 2-core machine shared with other jobs, load average
   about 11); median step 0.64 s (HyperAttention) and 0.84 s (exact), at that load.
-* GPU (one H200), the real settings with ``--steps=400 --eval_every=100
-  --implementation=mosaic_gpu`` and the chunked exact twin, bf16, jax 0.11.2, 2026-11-30,
-  commit da8c218: step 0: 256.0 / 256.0; step 100: 13.25 / 13.56. The run was stopped at
-  step 133 by a time limit, at 3.5 s per step for the two models together; the full run
-  (and the cuDNN twin, which this script gained after that run) is still to be measured.
+* GPU (one H200), the real settings with ``--dtype=bfloat16 --implementation=mosaic_gpu
+  --exact_implementation=cudnn --steps=160 --eval_every=40``, jax 0.11.2, 2026-11-30,
+  commit 4013bb6: step 0: 256.0 / 256.0; step 40: 22.376 / 22.382; step 80: 15.332 /
+  15.819; step 120: 12.412 / 12.596; step 160: 12.094 / 12.173 (ratio 0.993). Median step
+  157.0 ms (HyperAttention) and 156.7 ms (exact); 111.5 s in all. Metrics in
+  ``benchmarks/results/train_lm_h200_4013bb6.json``, plot in ``examples/train_lm_h200.png``.
+  An earlier run with the chunked exact twin (commit da8c218, ``--steps=400
+  --eval_every=100``) reached 13.25 / 13.56 at step 100 before it was stopped at step 133.
 """
 
 import json
