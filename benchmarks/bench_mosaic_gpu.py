@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 import hyperattention_jax as ha
 
-from benchmarks.timing import median_ms
+from benchmarks.timing import device_op_ms, median_ms, ms_by_scope
 
 _LENGTHS = flags.DEFINE_list("lengths", ["4096", "8192", "16384", "32768", "65536", "131072"],
                              "Sequence lengths.")
@@ -71,6 +71,8 @@ _CAUSAL = flags.DEFINE_list("causal", ["false", "true"], "Causal settings.")
 _REPS = flags.DEFINE_integer("reps", 10, "Timed repetitions (fewer for slow points).")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 6.0, "Time budget per measured point.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "Directory for results.json, table.md, plot.png.")
+_PROFILE = flags.DEFINE_integer("profile", 0, "Also trace each hyper_attention point and print "
+                                "its this many most costly XLA ops by device time.")
 _REPORT = flags.DEFINE_list("report", [], "Measure nothing: merge these results.json files "
                             "into a table and a plot in --out_dir.")
 
@@ -93,6 +95,24 @@ def fwd_bwd_fn(attend):
 def relative_error(out, exact):
   out, exact = out.astype(jnp.float32), exact.astype(jnp.float32)
   return float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact))
+
+
+# The pipeline's jax.named_scope stages (see hyperattention_jax), outermost first.
+STAGES = ("lsh_hash", "lsh_sort", "lsh_gather", "core_primitive", "lsh_unsort", "exact_local",
+          "merge")
+
+
+def profile(row, fn, args, label):
+  """Adds device time by stage and by op to ``row`` and prints them."""
+  by_op = device_op_ms(fn, *args)
+  total = sum(by_op.values())
+  by_stage = ms_by_scope(by_op, fn.lower(*args).compile().as_text(), STAGES)
+  row.update(device_ms=total, device_ms_by_stage=by_stage, device_ms_by_op=by_op)
+  print(f"{label} device time {total:.3f} ms by stage: " + ", ".join(
+      f"{name} {ms:.3f}" for name, ms in sorted(by_stage.items(), key=lambda x: -x[1])),
+        flush=True)
+  for op, op_ms in list(by_op.items())[:_PROFILE.value]:
+    print(f"    {op_ms:8.3f} ms  {100 * op_ms / total:5.1f}%  {op}", flush=True)
 
 
 def measure_point(n, causal, results):
@@ -127,6 +147,8 @@ def measure_point(n, causal, results):
                  first_call_s=first)
       if pass_name == "fwd" and impl not in EXACT and exact_out is not None:
         row["rel_error_vs_exact"] = relative_error(out, exact_out)
+      if _PROFILE.value and impl not in EXACT:
+        profile(row, fn, args, label)
       results.append(row)
       if _OUT_DIR.value:  # keep what was measured even if a later point is cut short
         os.makedirs(_OUT_DIR.value, exist_ok=True)

@@ -30,3 +30,48 @@ def compile_seconds(fn, *args):
   t0 = time.perf_counter()
   compiled = fn.lower(*args).compile()
   return time.perf_counter() - t0, compiled
+
+
+def device_op_ms(fn, *args, reps: int = 2, trace_dir: str = "/tmp/hyperattention_profile"):
+  """Device time per call of each XLA op (fusion, custom call) of ``fn(*args)``, in ms.
+
+  ``fn`` is called ``reps`` times under ``jax.profiler.trace``; the device planes of the
+  trace (kernels on the accelerator's streams) are summed by the op that launched them.
+  Returns ``{op name: ms per call}``, largest first; empty where the backend records no
+  device activity (the CPU).
+  """
+  import collections  # pylint: disable=import-outside-toplevel
+  import glob  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.rmtree(trace_dir, ignore_errors=True)
+  jax.block_until_ready(fn(*args))
+  with jax.profiler.trace(trace_dir):
+    for _ in range(reps):
+      jax.block_until_ready(fn(*args))
+  totals = collections.Counter()
+  for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+      if not plane.name.startswith("/device:"):
+        continue
+      lines = list(plane.lines)
+      streams = [line for line in lines if line.name.startswith("Stream")] or lines
+      for line in streams:
+        for event in line.events:
+          stats = dict(event.stats)
+          totals[str(stats.get("hlo_op", event.name))] += event.duration_ns / 1e6 / reps
+  return dict(totals.most_common())
+
+
+def ms_by_scope(op_ms, hlo_text: str, scopes):
+  """Sums ``device_op_ms`` results by the outermost of ``scopes`` (``jax.named_scope``
+  names) in each op's ``op_name`` metadata in the compiled ``hlo_text``; ops in none of
+  them count as "other"."""
+  import re  # pylint: disable=import-outside-toplevel
+  op_names = dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', hlo_text,
+                             flags=re.MULTILINE))
+  totals = {}
+  for op, ms in op_ms.items():
+    path = op_names.get(op, "").split("/")
+    scope = next((part for part in path if part in scopes), "other")
+    totals[scope] = totals.get(scope, 0.0) + ms
+  return totals

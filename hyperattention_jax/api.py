@@ -99,17 +99,18 @@ def _exact_on_hopper(query, key, value, *, is_causal, scale, config, implementat
                                              "return_lse"))
 def _hyper_attention(query, key, value, rng, scale, projections, key_value_seq_lengths,
                      kv_head_offset=0, *, is_causal, config, implementation, return_lse):
-  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
-  batch, q_heads, q_len, head_dim = q.shape
-  kv_len = k.shape[2]
+  batch, q_len, q_heads, head_dim = query.shape
+  kv_len = key.shape[1]
   if projections is None:
     projections = lsh.draw_projections(jax.random.fold_in(rng, _PROJECTION_STREAM), head_dim,
                                        config.num_projections)
   q_pos = positions(batch, q_heads, q_len)
-  k_pos = positions(batch, k.shape[1], kv_len, key_value_seq_lengths)
+  k_pos = positions(batch, key.shape[2], kv_len, key_value_seq_lengths)
 
   if q_len <= config.min_seq_len or config.block_size >= kv_len:
-    out, lse = exact_attention_bhnd(q, k, v, q_pos, k_pos, causal=is_causal, scale=scale)
+    out, lse = exact_attention_bhnd(*(jnp.swapaxes(x, 1, 2) for x in (query, key, value)),
+                                    q_pos, k_pos, causal=is_causal, scale=scale)
+    out = jnp.swapaxes(out, 1, 2)
   else:
     if q_len == kv_len:  # self-attention: padding query rows sort after the others
       lengths = kv_len if key_value_seq_lengths is None else key_value_seq_lengths
@@ -117,12 +118,12 @@ def _hyper_attention(query, key, value, rng, scale, projections, key_value_seq_l
     else:
       q_is_padding = None
     attend = causal_attention if is_causal else noncausal_attention
-    out, lse = attend(q, k, v, q_pos, k_pos, q_is_padding,
+    out, lse = attend(query, key, value, q_pos, k_pos, q_is_padding,
                       sample_rng=jax.random.fold_in(rng, _SAMPLE_STREAM),
                       projections=projections, config=config, scale=scale,
                       block_attention=block_attention_for(implementation),
                       kv_head_offset=kv_head_offset)
-  out = jnp.swapaxes(out.astype(query.dtype), 1, 2)
+  out = out.astype(query.dtype)
   return (out, lse) if return_lse else out
 
 

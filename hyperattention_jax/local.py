@@ -11,6 +11,7 @@ every key (causally) counted, and its extra keys are the sinks and the window's 
 into the previous leaf.
 """
 
+import jax
 import jax.numpy as jnp
 
 from hyperattention_jax import core
@@ -36,6 +37,7 @@ def extra_positions(num_blocks: int, block_k: int, kv_len: int, *, sink_size: in
   return jnp.concatenate([sinks, overhang], axis=1)
 
 
+@jax.named_scope("exact_local")
 def local_attention(q, k, v, q_pos, k_pos, *, block_size: int, causal: bool, sink_size: int,
                     window_size: int, scale, block_attention):
   """Exact attention over ``E(p)`` (non-causal), or exact causal leaves plus ``E(p)``.
@@ -75,3 +77,32 @@ def local_attention(q, k, v, q_pos, k_pos, *, block_size: int, causal: bool, sin
       extra_k, extra_v, extra_pos, extra_block, jnp.zeros((batch,), jnp.float32),
       spec=spec, scale=scale)
   return out[:, :, :q_len], lse[:, :, :q_len]
+
+
+@jax.named_scope("exact_local")
+def sink_attention(query, key, value, k_pos, *, sink_size: int, scale):
+  """Exact attention over the first ``sink_size`` keys, in the sequence-major layout.
+
+  Without a window, ``E(p)`` of a non-causal piece is the same few sink keys for every
+  query, so this dense form (one pass over the queries) replaces the blocked layout.
+
+  Args:
+    query: ``[B, nq, Hq, dk]``; key: ``[B, nk, Hk, dk]``; value: ``[B, nk, Hk, dv]``.
+    k_pos: ``[B, Hk, nk]`` key positions (negative marks padding).
+    sink_size: the sink keys.
+    scale: logit scale.
+
+  Returns:
+    ``o [B, nq, Hq, dv]`` float32 and ``lse [B, nq, Hq]`` float32.
+  """
+  batch, q_len, q_heads, dk = query.shape
+  kv_heads = key.shape[2]
+  sinks = min(sink_size, key.shape[1])
+  hi = jax.lax.Precision.HIGHEST
+  grouped = query.reshape(batch, q_len, kv_heads, q_heads // kv_heads, dk)
+  logits = scale * jnp.einsum("bnhgd,bshd->bnhgs", grouped, key[:, :sinks], precision=hi,
+                              preferred_element_type=jnp.float32)
+  probs, lse = core.masked_softmax(logits, k_pos[:, None, :, None, :sinks] >= 0)
+  out = jnp.einsum("bnhgs,bshd->bnhgd", probs, value[:, :sinks].astype(jnp.float32),
+                   precision=hi)
+  return out.reshape(batch, q_len, q_heads, -1), lse.reshape(batch, q_len, q_heads)

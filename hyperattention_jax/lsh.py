@@ -1,8 +1,12 @@
 """Angular LSH (SortLSH): hash rows, sort them, and undo the sort.
 
 Arrays here carry the sequence on axis -2 (rows) and features on axis -1; any leading
-axes (batch, heads) are batched over.
+axes (batch, heads) are batched over. ``RowMap`` and ``permute`` move rows between the
+public sequence-major layout ``[B, n, H, d]`` and the sorted head-major one without
+transposing whole arrays first.
 """
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,12 +48,13 @@ def sort_key(x, projections, is_padding=None):
 
 
 def sort_permutation(keys):
-  """Stable argsort of int32 keys along the last axis."""
-  # lax.sort on (key, iota) with one sort key is a stable argsort that keeps int32 keys.
-  iota = jax.lax.broadcasted_iota(jnp.int32, keys.shape, keys.ndim - 1)
-  _, perm = jax.lax.sort((keys.astype(jnp.int32), iota), dimension=keys.ndim - 1,
-                         is_stable=True, num_keys=1)
-  return perm
+  """Stable argsort of integer keys along the last axis (an int32 permutation)."""
+  # lax.sort on (key, iota) with one sort key is a stable argsort in the keys' own dtype.
+  with jax.named_scope("lsh_sort"):
+    iota = jax.lax.broadcasted_iota(jnp.int32, keys.shape, keys.ndim - 1)
+    _, perm = jax.lax.sort((keys, iota), dimension=keys.ndim - 1,
+                           is_stable=True, num_keys=1)
+    return perm
 
 
 def gather_rows(x, perm):
@@ -67,3 +72,88 @@ def invert_permutation(perm):
   n = perm.shape[-1]
   iota = jnp.broadcast_to(jnp.arange(n, dtype=perm.dtype), perm.shape)
   return jnp.put_along_axis(jnp.zeros_like(perm), perm, iota, axis=-1, inplace=False)
+
+
+class RowMap(NamedTuple):
+  """A one-to-one map between rows of a sequence-major array and sorted rows.
+
+  The source is ``[B, n, H, d]`` seen as ``B * n * H`` rows of ``d``; the sorted array is
+  ``[B, G, H, m, d]`` (``G`` groups of ``m`` sorted rows per batch row and head) seen as
+  ``M = B * G * H * m`` rows. Rows that the map leaves out point past the end (index
+  ``M`` or ``B * n * H``) and read as zeros.
+
+  Attributes:
+    to_sorted: ``[M]`` source row of each sorted row.
+    from_sorted: ``[B * n * H]`` sorted row of each source row.
+  """
+
+  to_sorted: jnp.ndarray
+  from_sorted: jnp.ndarray
+
+
+def row_map(perm, offsets, source_len: int) -> RowMap:
+  """The ``RowMap`` that sorts group ``g`` of each head's rows by ``perm``.
+
+  Args:
+    perm: ``[B, G, H, m]`` permutations of ``0..m-1``.
+    offsets: ``[G]`` first source row of each group (group ``g`` holds source rows
+      ``offsets[g] .. offsets[g] + m - 1``; those at or past ``source_len`` are padding).
+    source_len: ``n``, the rows of the source per batch row.
+  """
+  batch, _, heads, _ = perm.shape
+  rows = jnp.asarray(offsets, jnp.int32)[None, :, None, None] + perm
+  batch_ids = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]
+  head_ids = jnp.arange(heads, dtype=jnp.int32)[None, None, :, None]
+  num_source = batch * source_len * heads
+  to_sorted = jnp.where(rows < source_len, (batch_ids * source_len + rows) * heads + head_ids,
+                        num_source).reshape(-1)
+  num_sorted = to_sorted.shape[0]
+  from_sorted = jnp.full((num_source + 1,), num_sorted, jnp.int32).at[to_sorted].set(
+      jnp.arange(num_sorted, dtype=jnp.int32), unique_indices=True)[:num_source]
+  return RowMap(to_sorted, from_sorted)
+
+
+def _take_rows(x, idx):
+  return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def permute(x, idx, inverse_idx):
+  """``x[idx]`` for rows ``x [R, d]`` and a one-to-one ``idx`` (out-of-range reads 0).
+
+  ``inverse_idx`` is the inverse map, so the gradient is a gather too (no scatter-add):
+  ``permute(x, m.to_sorted, m.from_sorted)`` sorts rows, and
+  ``permute(y, m.from_sorted, m.to_sorted)`` puts them back.
+  """
+  del inverse_idx
+  return _take_rows(x, idx)
+
+
+def _permute_fwd(x, idx, inverse_idx):
+  return _take_rows(x, idx), (idx, inverse_idx, x.shape[0])
+
+
+def _permute_bwd(residuals, d_out):
+  idx, inverse_idx, num_rows = residuals
+  d_x = _take_rows(d_out, inverse_idx)
+  return d_x[:num_rows], None, None
+
+
+permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+def key_dtype(num_projections: int):
+  """The narrowest unsigned dtype that holds every sort key (``0 .. 2**r``): a radix sort
+  of 8-bit keys makes one pass over them, of 32-bit keys four."""
+  if num_projections < 8:
+    return jnp.uint8
+  return jnp.uint16 if num_projections < 16 else jnp.uint32
+
+
+def head_sort_key(x, projections, is_padding=None):
+  """``sort_key`` of sequence-major rows ``x [B, n, H, d]``: ``[B, H, n]`` in ``key_dtype``."""
+  with jax.named_scope("lsh_hash"):
+    key = jnp.swapaxes(sort_key(x, projections), 1, 2)
+    if is_padding is not None:
+      key = jnp.where(is_padding, jnp.int32(1 << projections.shape[-1]), key)
+    return key.astype(key_dtype(projections.shape[-1]))

@@ -1,4 +1,4 @@
-"""One non-causal HyperAttention piece: LSH sort, block + sampled columns, un-sort.
+"""Non-causal HyperAttention pieces: LSH sort, block + sampled columns, un-sort.
 
 Steps 1-6 of the algorithm: sort queries and keys by their LSH bucket rank, pair sorted
 query block β with sorted key block β by rank, add the uniformly sampled key columns
@@ -8,6 +8,7 @@ the core primitive and put rows back in their original order.
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from hyperattention_jax import core
@@ -54,14 +55,14 @@ def make_plan(q, k, k_pos, q_is_padding, sample_u, projections) -> LshPlan:
   """Hashes and sorts queries and keys, and turns uniforms into sample indices.
 
   Args:
-    q: ``[B, Hq, nq, dk]``; k: ``[B, Hk, nk, dk]``.
+    q: ``[B, nq, Hq, dk]``; k: ``[B, nk, Hk, dk]`` (sequence-major).
     k_pos: ``[B, Hk, nk]`` key positions, negative for padding (sorted last).
     q_is_padding: ``[B, Hq, nq]`` bool, or None: query rows to sort last.
     sample_u: ``[B, Hk, m]`` uniforms in [0, 1).
     projections: ``[dk, r]`` LSH hyperplanes.
   """
-  return plan_from_sort_keys(lsh.sort_key(q, projections, q_is_padding),
-                             lsh.sort_key(k, projections, k_pos < 0), k_pos, sample_u)
+  return plan_from_sort_keys(lsh.head_sort_key(q, projections, q_is_padding),
+                             lsh.head_sort_key(k, projections, k_pos < 0), k_pos, sample_u)
 
 
 def plan_from_sort_keys(q_key, k_key, k_pos, sample_u) -> LshPlan:
@@ -77,45 +78,83 @@ def plan_from_sort_keys(q_key, k_key, k_pos, sample_u) -> LshPlan:
   return LshPlan(q_perm, k_perm, sample_idx, num_valid)
 
 
-def lsh_attention(q, k, v, q_pos, k_pos, plan: LshPlan, *, block_size: int, sink_size: int,
-                  window_size: int, scale, block_attention):
-  """One non-causal piece, approximating attention over the keys outside ``E(p)``.
+def lsh_attention(query, key, value, q_pos, k_pos, plan: LshPlan, *, q_offsets, k_offsets,
+                  block_size: int, sink_size: int, window_size: int, scale, block_attention):
+  """Non-causal pieces, approximating attention over the keys outside ``E(p)``.
+
+  The piece's rows are ``G`` groups of consecutive rows of the sequence-major inputs
+  (one group for the whole sequence; the causal recursion's rectangles otherwise); they
+  are gathered straight into sorted order and the output is put straight back, so no
+  head-major copy of the inputs is made.
 
   Args:
-    q: ``[B, Hq, nq, dk]``; k: ``[B, Hk, nk, dk]``; v: ``[B, Hk, nk, dv]``.
-    q_pos: ``[B, Hq, nq]`` original query positions.
-    k_pos: ``[B, Hk, nk]`` original key positions, negative for padding.
-    plan: from ``make_plan``.
+    query: ``[B, nq_all, Hq, dk]``; key: ``[B, nk_all, Hk, dk]``; value:
+      ``[B, nk_all, Hk, dv]``, sequence-major as the public API takes them.
+    q_pos: ``[B * G, Hq, nq]`` original positions of the piece's query rows.
+    k_pos: ``[B * G, Hk, nk]`` original positions of its key rows, negative for padding.
+    plan: from ``make_plan`` / ``plan_from_sort_keys`` on ``[B * G, H, n]`` rows.
+    q_offsets, k_offsets: ``[G]`` first row of each group in ``query`` / ``key``.
     block_size: keys per block.
     sink_size, window_size: the exact set ``E(p)`` that this piece leaves out.
     scale: logit scale.
     block_attention: the core primitive implementation.
 
   Returns:
-    ``o [B, Hq, nq, dv]`` and ``lse [B, Hq, nq]``, rows in original order.
+    ``o [B, nq_all, Hq, dv]`` (zero on rows outside the piece) and ``lse [B, nq_all, Hq]``
+    (``-inf`` there).
   """
-  batch, kv_heads, kv_len, _ = k.shape
-  q_len = q.shape[2]
+  batch, q_all, q_heads = query.shape[:3]
+  kv_all, kv_heads = key.shape[1], key.shape[2]
+  groups = len(q_offsets)
+  q_len, kv_len = q_pos.shape[2], k_pos.shape[2]
   nb, bq, bk = blocking(q_len, kv_len, block_size)
   num_samples = plan.sample_idx.shape[-1] if nb > 1 else 0  # one block already sees every key
 
-  sorted_q = pad_axis(lsh.gather_rows(q, plan.q_perm), nb * bq, 2)
-  sorted_q_pos = pad_axis(lsh.gather(q_pos, plan.q_perm), nb * bq, 2, value=-1)
-  sorted_k = pad_axis(lsh.gather_rows(k, plan.k_perm), nb * bk, 2)
-  sorted_v = pad_axis(lsh.gather_rows(v, plan.k_perm), nb * bk, 2)
-  sorted_k_pos = pad_axis(lsh.gather(k_pos, plan.k_perm), nb * bk, 2, value=-1)
+  def grouped(perm):  # [B * G, H, n] -> [B, G, H, n]
+    return perm.reshape(batch, groups, *perm.shape[1:])
 
-  idx = plan.sample_idx[..., :num_samples]
-  extra_k = lsh.gather_rows(sorted_k, idx)[:, :, None]
-  extra_v = lsh.gather_rows(sorted_v, idx)[:, :, None]
-  has_keys = (plan.num_valid > 0)[..., None]
-  extra_pos = jnp.where(has_keys, lsh.gather(sorted_k_pos, idx), -1)[:, :, None]
-  extra_block = (idx // bk)[:, :, None]
-  extra_bias = sampling.log_weight(plan.num_valid[:, 0], max(num_samples, 1))
+  with jax.named_scope("lsh_gather"):
+    q_map = lsh.row_map(grouped(plan.q_perm), q_offsets, q_all)
+    k_map = lsh.row_map(grouped(plan.k_perm), k_offsets, kv_all)
+
+    def to_sorted(x, rows: lsh.RowMap, length, padded):
+      flat = lsh.permute(x.reshape(-1, x.shape[-1]), rows.to_sorted, rows.from_sorted)
+      return pad_axis(flat.reshape(batch * groups, x.shape[2], length, x.shape[-1]), padded, 2)
+
+    sorted_q = to_sorted(query, q_map, q_len, nb * bq)
+    sorted_k = to_sorted(key, k_map, kv_len, nb * bk)
+    sorted_v = to_sorted(value, k_map, kv_len, nb * bk)
+    sorted_q_pos = pad_axis(lsh.gather(q_pos, plan.q_perm), nb * bq, 2, value=-1)
+    sorted_k_pos = pad_axis(lsh.gather(k_pos, plan.k_perm), nb * bk, 2, value=-1)
+
+    idx = plan.sample_idx[..., :num_samples]
+    sample_rows = jnp.take_along_axis(grouped(k_map.to_sorted.reshape(plan.k_perm.shape)),
+                                      grouped(idx), axis=-1)
+    extra_k, extra_v = (jnp.take(x.reshape(-1, x.shape[-1]), sample_rows, axis=0, mode="fill",
+                                 fill_value=0).reshape(batch * groups, kv_heads, 1, num_samples,
+                                                       x.shape[-1])
+                        for x in (key, value))
+    has_keys = (plan.num_valid > 0)[..., None]
+    extra_pos = jnp.where(has_keys, lsh.gather(sorted_k_pos, idx), -1)[:, :, None]
+    extra_block = (idx // bk)[:, :, None]
+    extra_bias = sampling.log_weight(plan.num_valid[:, 0], max(num_samples, 1))
 
   spec = core.BlockSpec(block_q=bq, block_k=bk, diagonal_keys=core.NONLOCAL,
                         extra_keys=core.NONLOCAL, sink_size=sink_size, window_size=window_size)
-  out, lse = block_attention(sorted_q, sorted_k, sorted_v, sorted_q_pos, sorted_k_pos, extra_k,
-                             extra_v, extra_pos, extra_block, extra_bias, spec=spec, scale=scale)
-  unsort = lsh.invert_permutation(plan.q_perm)
-  return lsh.gather_rows(out[:, :, :q_len], unsort), lsh.gather(lse[:, :, :q_len], unsort)
+  with jax.named_scope("core_primitive"):
+    out, lse = block_attention(sorted_q, sorted_k, sorted_v, sorted_q_pos, sorted_k_pos,
+                               extra_k, extra_v, extra_pos, extra_block, extra_bias, spec=spec,
+                               scale=scale)
+  return _unsort(out, lse, q_map, q_len, (batch, q_all, q_heads))
+
+
+@jax.named_scope("lsh_unsort")
+def _unsort(out, lse, q_map: lsh.RowMap, q_len: int, shape):
+  """Sorted ``out [B * G, H, >= q_len, dv]`` and ``lse`` back to the sequence-major rows."""
+  dv = out.shape[-1]
+  out = lsh.permute(out[:, :, :q_len].reshape(-1, dv), q_map.from_sorted, q_map.to_sorted)
+  # lse is small: a plain gather, with -inf on the rows outside the piece.
+  in_piece = q_map.from_sorted < q_map.to_sorted.shape[0]
+  lse = jnp.take(lse[:, :, :q_len].reshape(-1), q_map.from_sorted, mode="fill", fill_value=0)
+  lse = jnp.where(in_piece, lse, -jnp.inf)
+  return out.reshape(*shape, dv), lse.reshape(shape)

@@ -2,6 +2,7 @@
 
 import functools
 
+import jax
 import jax.numpy as jnp
 
 
@@ -23,6 +24,7 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
   return merge_all((out_a, out_b), (lse_a, lse_b))
 
 
+@jax.named_scope("merge")
 def merge_all(outs, lses):
   """``merge_partials`` for any number of results over disjoint key sets, in one pass.
 

@@ -13,6 +13,7 @@ from hyperattention_jax import core
 from hyperattention_jax import lsh
 from hyperattention_jax import merge
 from hyperattention_jax.exact import exact_attention_bhnd, positions
+from hyperattention_jax.local import sink_attention
 
 
 def np_keep(p, t, rule, spec):
@@ -108,6 +109,73 @@ class LshTest(parameterized.TestCase):
     perm = jax.random.permutation(jax.random.key(0), 50)[None]
     inv = lsh.invert_permutation(perm)
     np.testing.assert_array_equal(lsh.gather(perm, inv)[0], np.arange(50))
+
+  def test_head_sort_key_matches_sort_key_in_a_narrow_dtype(self):
+    x = jax.random.normal(jax.random.key(1), (2, 37, 3, 8))
+    projections = jax.random.normal(jax.random.key(2), (8, 7))
+    padding = jax.random.bernoulli(jax.random.key(3), 0.2, (2, 3, 37))
+    key = lsh.head_sort_key(x, projections, padding)
+    self.assertEqual(key.dtype, jnp.uint8)
+    want = lsh.sort_key(jnp.swapaxes(x, 1, 2), projections, padding)
+    np.testing.assert_array_equal(key, want)
+    np.testing.assert_array_equal(lsh.sort_permutation(key), lsh.sort_permutation(want))
+
+  def test_row_map_and_permute_move_rows_both_ways(self):
+    # Two groups of 5 rows (offsets 1 and 9) of a [B=2, n=12, H=3] source; rows 12, 13 of
+    # the second group lie past the source and read as zeros.
+    batch, n, heads, d, m = 2, 12, 3, 4, 5
+    keys = jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 4)
+    perm = jax.vmap(lambda k: jax.random.permutation(k, m))(
+        jax.random.split(keys[0], batch * 2 * heads)).reshape(batch, 2, heads, m)
+    offsets = np.array([1, 9])
+    rows = lsh.row_map(perm, offsets, n)
+    x = jax.random.normal(keys[1], (batch, n, heads, d))
+    src = np.asarray(offsets)[None, :, None, None] + np.asarray(perm)
+    want = np.zeros((batch, 2, heads, m, d), np.float32)
+    for b, g, h, i in itertools.product(range(batch), range(2), range(heads), range(m)):
+      if src[b, g, h, i] < n:
+        want[b, g, h, i] = x[b, src[b, g, h, i], h]
+    flat_x = x.reshape(-1, d)
+    got = lsh.permute(flat_x, rows.to_sorted, rows.from_sorted)
+    np.testing.assert_array_equal(got.reshape(want.shape), want)
+    # Back: each source row gets its sorted row, rows outside both groups get zeros.
+    back = lsh.permute(got, rows.from_sorted, rows.to_sorted).reshape(x.shape)
+    hit = np.zeros((batch, n, heads), bool)
+    for b, g, h, i in itertools.product(range(batch), range(2), range(heads), range(m)):
+      if src[b, g, h, i] < n:
+        hit[b, src[b, g, h, i], h] = True
+    np.testing.assert_array_equal(back, np.where(hit[..., None], x, 0))
+    # The gradients (gathers by the inverse map) equal those of plain gathers.
+    cot = jax.random.normal(keys[2], got.shape)
+    plain = lambda x: jnp.take(x, rows.to_sorted, axis=0, mode="fill", fill_value=0)
+    chex.assert_trees_all_close(
+        jax.grad(lambda x: jnp.sum(lsh.permute(x, rows.to_sorted, rows.from_sorted) * cot))(
+            flat_x),
+        jax.grad(lambda x: jnp.sum(plain(x) * cot))(flat_x))
+    cot_back = jax.random.normal(keys[3], flat_x.shape)
+    plain_back = lambda y: jnp.take(y, rows.from_sorted, axis=0, mode="fill", fill_value=0)
+    chex.assert_trees_all_close(
+        jax.grad(lambda y: jnp.sum(lsh.permute(y, rows.from_sorted, rows.to_sorted)
+                                   * cot_back))(got),
+        jax.grad(lambda y: jnp.sum(plain_back(y) * cot_back))(got))
+
+
+class SinkAttentionTest(absltest.TestCase):
+
+  def test_matches_exact_attention_over_the_first_keys(self):
+    # Grouped heads; the second batch row has only 2 valid keys, fewer than the 3 sinks.
+    batch, q_len, kv_len, q_heads, kv_heads, d, sinks = 2, 9, 11, 4, 2, 8, 3
+    keys = jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 3)
+    q = jax.random.normal(keys[0], (batch, q_len, q_heads, d))
+    k, v = (jax.random.normal(key, (batch, kv_len, kv_heads, d)) for key in keys[1:])
+    k_pos = positions(batch, kv_heads, kv_len, jnp.array([kv_len, 2]))
+    out, lse = sink_attention(q, k, v, k_pos, sink_size=sinks, scale=0.3)
+    swap = lambda x: jnp.swapaxes(x, 1, 2)
+    want_out, want_lse = exact_attention_bhnd(
+        swap(q), swap(k[:, :sinks]), swap(v[:, :sinks]), positions(batch, q_heads, q_len),
+        k_pos[:, :, :sinks], causal=False, scale=0.3)
+    chex.assert_trees_all_close((swap(out), swap(lse)), (want_out, want_lse), rtol=1e-5,
+                                atol=1e-5)
 
 
 class BlockAttentionTest(parameterized.TestCase):
