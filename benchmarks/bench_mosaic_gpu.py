@@ -71,8 +71,10 @@ _CAUSAL = flags.DEFINE_list("causal", ["false", "true"], "Causal settings.")
 _REPS = flags.DEFINE_integer("reps", 10, "Timed repetitions (fewer for slow points).")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 6.0, "Time budget per measured point.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "Directory for results.json, table.md, plot.png.")
-_PROFILE = flags.DEFINE_integer("profile", 0, "Also trace each hyper_attention point and print "
-                                "its this many most costly XLA ops by device time.")
+_PROFILE = flags.DEFINE_integer(
+    "profile", 0, "Also trace each hyper_attention point and print its device time by stage "
+    "and its this many most costly XLA ops. Turns off XLA's command buffers (CUDA graphs) so "
+    "that every op shows in the trace; times measured in such a run can differ a little.")
 _REPORT = flags.DEFINE_list("report", [], "Measure nothing: merge these results.json files "
                             "into a table and a plot in --out_dir.")
 
@@ -207,6 +209,9 @@ def plot(results, path, device):
 
 def main(argv):
   del argv
+  if _PROFILE.value:  # one trace event per op: no CUDA graphs (before the backend starts)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_gpu_enable_command_buffer=").strip()
   print(f"jax {jax.__version__}; {jax.devices()[0].device_kind}; "
         f"implementations available: {ha.available_implementations()}", flush=True)
   results = []
