@@ -11,6 +11,8 @@ every key (causally) counted, and its extra keys are the sinks and the window's 
 into the previous leaf.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -103,6 +105,9 @@ def sink_attention(query, key, value, k_pos, *, sink_size: int, scale):
   logits = scale * jnp.einsum("bnhgd,bshd->bnhgs", grouped, key[:, :sinks], precision=hi,
                               preferred_element_type=jnp.float32)
   probs, lse = core.masked_softmax(logits, k_pos[:, None, :, None, :sinks] >= 0)
-  out = jnp.einsum("bnhgs,bshd->bnhgd", probs, value[:, :sinks].astype(jnp.float32),
-                   precision=hi)
+  # A sum over the few sinks written elementwise rather than as a dot: XLA fuses it into the
+  # merge that consumes it, so this float32 output is never stored.
+  sink_values = value[:, :sinks].astype(jnp.float32)
+  out = functools.reduce(jnp.add, [probs[..., t, None] * sink_values[:, None, t, :, None, :]
+                                   for t in range(sinks)])
   return out.reshape(batch, q_len, q_heads, -1), lse.reshape(batch, q_len, q_heads)
