@@ -160,6 +160,11 @@ def hyper_attention(query, key, value, *, rng=None, is_causal=False, scale=None,
   Returns:
     ``[batch, q_len, num_heads, value_head_dim]`` in query's dtype (and the lse).
 
+  Differentiable in reverse mode (``jax.grad``, ``jax.vjp``) with respect to query, key and
+  value; the sampled columns and the sort are constants of the differentiation.
+  Forward mode (``jax.jvp``, ``jax.jacfwd``) is not supported: every implementation moves
+  rows and runs kernels under ``jax.custom_vjp``.
+
   Example:
     >>> rng = jax.random.key(0)
     >>> q = k = v = jax.random.normal(rng, (1, 8192, 4, 64))
