@@ -162,8 +162,8 @@ def hyper_attention(query, key, value, *, rng=None, is_causal=False, scale=None,
 
   Differentiable in reverse mode (``jax.grad``, ``jax.vjp``) with respect to query, key and
   value; the sampled columns and the sort are constants of the differentiation.
-  Forward mode (``jax.jvp``, ``jax.jacfwd``) is not supported: every implementation moves
-  rows and runs kernels under ``jax.custom_vjp``.
+  Forward mode (``jax.jvp``, ``jax.jacfwd``) is not supported: the row moves into and out
+  of sorted order (and the kernels) are ``jax.custom_vjp`` functions.
 
   Example:
     >>> rng = jax.random.key(0)
