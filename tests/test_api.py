@@ -177,8 +177,9 @@ def dense_hyper_attention(q, k, v, projections, rng, config, lengths):
 
 class GradientTest(parameterized.TestCase):
 
-  # The paper's algorithm; with sinks and a window; and those without the sampled residual.
-  @parameterized.parameters((0, 0, 8), (2, 4, 8), (2, 4, 0))
+  # The paper's algorithm; with sinks alone (the default's exact part); with sinks and a
+  # window; and those without the sampled residual.
+  @parameterized.parameters((0, 0, 8), (3, 0, 8), (2, 4, 8), (2, 4, 0))
   def test_gradient_matches_dense_formulation(self, sink, window, samples):
     q, k, v = random_qkv(fresh_key(), q_len=64, dim=8)
     lengths = jnp.array([64, 45])
