@@ -32,9 +32,7 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
 _HEADS = flags.DEFINE_integer("heads", 32, "Attention heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
 _KV_HEADS = flags.DEFINE_integer("kv_heads", None, "Key/value heads (GQA); default: --heads.")
-PRESETS = {"default": ha.HyperAttentionConfig(), "paper": ha.PAPER_CONFIG,
-           "pretrained_lm": ha.PRETRAINED_LM_CONFIG}
-_PRESET = flags.DEFINE_enum("preset", "default", list(PRESETS),
+_PRESET = flags.DEFINE_enum("preset", "default", list(ha.PRESETS),
                             "hyper_attention's configuration: HyperAttentionConfig(), "
                             "ha.PAPER_CONFIG or ha.PRETRAINED_LM_CONFIG.")
 _IMPLS = flags.DEFINE_list(
@@ -84,7 +82,7 @@ def attention_fn(impl, causal):
   if impl in EXACT:
     return exact_attention_fn(causal)
   return functools.partial(ha.hyper_attention, rng=jax.random.key(0), is_causal=causal,
-                           config=PRESETS[_PRESET.value],
+                           config=ha.PRESETS[_PRESET.value],
                            implementation=None if impl == "auto" else impl)
 
 
@@ -156,7 +154,7 @@ def measure_point(n, causal, results):
         os.makedirs(_OUT_DIR.value, exist_ok=True)
         with open(os.path.join(_OUT_DIR.value, "results.json"), "w", encoding="utf-8") as f:
           json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                         preset=_PRESET.value, config=str(PRESETS[_PRESET.value]),
+                         preset=_PRESET.value, config=str(ha.PRESETS[_PRESET.value]),
                          kv_heads=_KV_HEADS.value or _HEADS.value, results=results), f,
                     indent=1)
       err = f" rel.err {row['rel_error_vs_exact']:.3f}" if "rel_error_vs_exact" in row else ""

@@ -12,12 +12,14 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")):
     __path__.append(_checkout)  # pylint: disable=undefined-variable
 
 from hyperattention_jax.api import available_implementations, hyper_attention
-from hyperattention_jax.config import PAPER_CONFIG, PRETRAINED_LM_CONFIG, HyperAttentionConfig
+from hyperattention_jax.config import (PAPER_CONFIG, PRESETS, PRETRAINED_LM_CONFIG,
+                                       HyperAttentionConfig)
 from hyperattention_jax.exact import exact_attention
 from hyperattention_jax.sharding import activation_spec, sharded_hyper_attention
 
 __all__ = [
     "PAPER_CONFIG",
+    "PRESETS",
     "PRETRAINED_LM_CONFIG",
     "HyperAttentionConfig",
     "activation_spec",

@@ -80,3 +80,8 @@ with the global layers' attention at 0.66x exact attention's time (cuDNN), and 0
 (benchmarks/RESULTS.md). Its approximation is biased: keys outside the exact sets and the
 query's LSH block get no weight.
 """
+
+PRESETS = {"default": HyperAttentionConfig(), "paper": PAPER_CONFIG,
+           "pretrained_lm": PRETRAINED_LM_CONFIG}
+"""The named configurations by name, as the examples' and benchmarks' ``--preset`` flags
+take them."""

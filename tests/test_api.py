@@ -86,6 +86,9 @@ class ExactnessTest(parameterized.TestCase):
     self.assertEqual(ha.PAPER_CONFIG.replace(sink_size=4), ha.HyperAttentionConfig())
     self.assertEqual(ha.PRETRAINED_LM_CONFIG, ha.HyperAttentionConfig(
         block_size=512, sample_size=0, min_seq_len=8192, sink_size=4, window_size=2048))
+    self.assertEqual(ha.PRESETS, {"default": ha.HyperAttentionConfig(),
+                                  "paper": ha.PAPER_CONFIG,
+                                  "pretrained_lm": ha.PRETRAINED_LM_CONFIG})
     # Exact below its min_seq_len, like any configuration.
     q, k, v = random_qkv(fresh_key(), q_len=50)
     chex.assert_trees_all_close(attend(q, k, v, is_causal=True, config=ha.PRETRAINED_LM_CONFIG),

@@ -3,15 +3,12 @@
 import json
 import math
 import os
-import subprocess
-import sys
 import tempfile
 
 from absl.testing import absltest
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLE = os.path.join(REPO, "examples", "train_lm.py")
+from example_run import run_example
 
 # One layer, short context, still on the approximate path (256 > min_seq_len = 128).
 TINY_FLAGS = ("--seq_len=256", "--min_seq_len=128", "--block_size=32", "--sample_size=32",
@@ -39,11 +36,8 @@ class TrainExampleTest(absltest.TestCase):
       with open(text_file, "w", encoding="utf-8") as f:
         f.write(generated_text())
       output_dir = os.path.join(tmp, "out")
-      env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-          [REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]), JAX_PLATFORMS="cpu")
-      result = subprocess.run(
-          [sys.executable, EXAMPLE, f"--text_file={text_file}", f"--output_dir={output_dir}",
-           *TINY_FLAGS], env=env, capture_output=True, text=True, timeout=600, check=False)
+      result = run_example("train_lm.py", f"--text_file={text_file}",
+                           f"--output_dir={output_dir}", *TINY_FLAGS)
       self.assertEqual(result.returncode, 0, msg=result.stderr[-3000:])
       self.assertIn("final validation perplexity", result.stdout)
       with open(os.path.join(output_dir, "metrics.json"), encoding="utf-8") as f:
