@@ -9,7 +9,9 @@ check them against ``hyperattention_jax.core.block_attention``.
 import jax
 
 from hyperattention_jax.kernels import KernelBackend
-from hyperattention_jax.kernels.mosaic_gpu.attention import block_attention
+from hyperattention_jax.kernels.mosaic_gpu.attention import (KernelTiles, block_attention,
+                                                              default_tiles)
+from hyperattention_jax.kernels.mosaic_gpu.common import Tiles
 
 REQUIREMENT = "an NVIDIA Hopper GPU (compute capability 9.x; Pallas Mosaic GPU kernels)"
 
@@ -29,4 +31,5 @@ def is_available(backend: str) -> bool:
 BACKEND = KernelBackend(block_attention=block_attention, is_available=is_available,
                         requirement=REQUIREMENT)
 
-__all__ = ["BACKEND", "REQUIREMENT", "block_attention", "is_available"]
+__all__ = ["BACKEND", "REQUIREMENT", "KernelTiles", "Tiles", "block_attention", "default_tiles",
+           "is_available"]

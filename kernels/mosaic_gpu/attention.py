@@ -8,7 +8,7 @@ keys and values, the logit scale and the extra bias; positions and blocks are in
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,8 +90,23 @@ def _multiples(fwd_tiles, dq_tiles, dkv_tiles):
   return q_multiple, k_multiple, k_multiple
 
 
+class KernelTiles(NamedTuple):
+  """Tile sizes of the three kernels of one call (``common.Tiles`` each)."""
+
+  forward: common.Tiles
+  dq: common.Tiles
+  dkv: common.Tiles
+
+
+def default_tiles(dk: int, dv: int) -> KernelTiles:
+  """The tiles ``block_attention`` uses unless told otherwise."""
+  return KernelTiles(common.forward_tiles(dk, dv), common.dq_tiles(dk, dv),
+                     common.dkv_tiles(dk, dv))
+
+
 def block_attention(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_block, extra_bias,
-                    *, spec: core.BlockSpec, scale, interpret=None):
+                    *, spec: core.BlockSpec, scale, interpret=None,
+                    tiles: KernelTiles | None = None):
   """The core primitive as Mosaic GPU kernels (see ``hyperattention_jax.core``).
 
   Args:
@@ -101,6 +116,8 @@ def block_attention(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_bl
       as ``local.py`` builds the causal leaves): key tiles after a query tile are skipped.
     interpret: None on a Hopper GPU; a ``plgpu.InterpretGPUParams`` runs the kernels in
       Pallas' GPU interpreter on the CPU (how the tests check them).
+    tiles: the kernels' tile sizes (``default_tiles`` when None), for tuning them
+      (``benchmarks/tune_mosaic_gpu.py``).
 
   Returns:
     ``o [B, Hq, nq, dv]`` in q's dtype and ``lse [B, Hq, nq]`` float32.
@@ -110,10 +127,7 @@ def block_attention(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_bl
       than bfloat16 and float16, head dims other than 64, 128 and 256, positions beyond
       2**24); the dispatcher then falls back to the next implementation.
   """
-  dk, dv = q.shape[-1], v.shape[-1]
-  fwd_tiles = common.forward_tiles(dk, dv)
-  dq_tiles = common.dq_tiles(dk, dv)
-  dkv_tiles = common.dkv_tiles(dk, dv)
+  fwd_tiles, dq_tiles, dkv_tiles = tiles or default_tiles(q.shape[-1], v.shape[-1])
   q_multiple, k_multiple, extra_multiple = _multiples(fwd_tiles, dq_tiles, dkv_tiles)
   prob = layout.describe(q, k, v, extra_pos, spec=spec, q_multiple=q_multiple,
                          k_multiple=k_multiple, extra_multiple=extra_multiple)
