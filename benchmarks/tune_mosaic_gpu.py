@@ -11,10 +11,8 @@ of 16-bit rounding. Candidates that do not fit (shared memory) print their error
 
   PYTHONPATH=. python3 benchmarks/tune_mosaic_gpu.py --out=/tmp/tune.json
 
-On the CPU, a smoke test in the kernels' interpreter:
-
-  PYTHONPATH=. python3 benchmarks/tune_mosaic_gpu.py --interpret --heads=1 --head_dim=64 \
-      --leaf=128 --leaf_blocks=2 --block=64 --lsh_blocks=2 --samples=64 --reps=1
+Non-default tiles are checked against the reference on the CPU by
+``tests/test_mosaic_gpu.py`` (``test_other_tiles``).
 """
 
 import json
@@ -22,7 +20,6 @@ import json
 from absl import app
 from absl import flags
 import jax
-import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
 
@@ -44,8 +41,6 @@ _SAMPLES = flags.DEFINE_integer("samples", 256, "Shared sampled keys of the LSH 
 _REPS = flags.DEFINE_integer("reps", 10, "Timed calls per candidate.")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 3.0, "Time budget per candidate.")
 _OUT = flags.DEFINE_string("out", "", "Write the rows as JSON here.")
-_INTERPRET = flags.DEFINE_bool("interpret", False, "Run the kernels in Pallas' GPU interpreter "
-                               "(a smoke test on the CPU at tiny sizes; times mean nothing).")
 
 # Candidates besides the defaults: (key_tile, query_tile, num_stages, compute_wgs).
 FORWARD = [(64, 64, 2, 2), (64, 64, 3, 2), (64, 64, 4, 2), (128, 64, 3, 2), (128, 64, 2, 1)]
@@ -78,9 +73,7 @@ def _functions(inputs, spec, tiles, d_out):
   fixed = {n: x for n, x in inputs.items() if n not in _DIFFERENTIABLE}
   attend = lambda diff: mosaic_gpu.block_attention(**diff, **fixed, spec=spec,
                                                    scale=1 / np.sqrt(inputs["q"].shape[-1]),
-                                                   tiles=tiles, interpret=(
-                                                       plgpu.InterpretGPUParams()
-                                                       if _INTERPRET.value else None))
+                                                   tiles=tiles)
   forward = jax.jit(lambda diff: attend(diff)[0])
   grad = jax.jit(jax.grad(lambda diff: jnp.sum(attend(diff)[0].astype(jnp.float32) * d_out)))
   return forward, grad
@@ -98,7 +91,8 @@ def tune(name, rows):
   default = mosaic_gpu.default_tiles(dim, dim)
   d_out = normal(jax.random.key(9), inputs["q"].shape, jnp.float32)
   forward, grad = _functions(inputs, spec, default, d_out)
-  want_out, want_grads = forward(diff), grad(diff)
+  want_out = jax.block_until_ready(forward(diff))
+  want_grads = jax.block_until_ready(grad(diff))
   variants = [("default", default)]
   variants += [(f"forward {t}", default._replace(forward=Tiles(*t))) for t in FORWARD]
   variants += [(f"dq {t}", default._replace(dq=Tiles(*t))) for t in DQ]
@@ -112,7 +106,7 @@ def tune(name, rows):
       fn, want, pass_flops = ((forward, want_out, flops) if pass_name == "fwd"
                               else (grad, want_grads, 3.5 * flops))
       try:
-        got = fn(diff)
+        got = jax.block_until_ready(fn(diff))
         ms = median_ms(fn, diff, reps=_REPS.value, warmup=1, max_seconds=_MAX_SECONDS.value)
       except Exception as e:  # pylint: disable=broad-except
         print(f"  {label:28s} {pass_name:7s} ERROR {type(e).__name__}: {str(e)[:300]}",
