@@ -1,5 +1,9 @@
 """Wall-clock timing helpers shared by the benchmark scripts."""
 
+import collections
+import glob
+import re
+import shutil
 import statistics
 import time
 
@@ -40,9 +44,6 @@ def device_op_ms(fn, *args, reps: int = 2, trace_dir: str = "/tmp/hyperattention
   Returns ``{op name: ms per call}``, largest first; empty where the backend records no
   device activity (the CPU).
   """
-  import collections  # pylint: disable=import-outside-toplevel
-  import glob  # pylint: disable=import-outside-toplevel
-  import shutil  # pylint: disable=import-outside-toplevel
   shutil.rmtree(trace_dir, ignore_errors=True)
   jax.block_until_ready(fn(*args))
   with jax.profiler.trace(trace_dir):
@@ -66,7 +67,6 @@ def ms_by_scope(op_ms, hlo_text: str, scopes):
   """Sums ``device_op_ms`` results by the outermost of ``scopes`` (``jax.named_scope``
   names) in each op's ``op_name`` metadata in the compiled ``hlo_text``; ops in none of
   them count as "other"."""
-  import re  # pylint: disable=import-outside-toplevel
   op_names = dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', hlo_text,
                              flags=re.MULTILINE))
   totals = {}

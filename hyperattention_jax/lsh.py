@@ -39,12 +39,17 @@ def bucket_rank(x, projections):
   return jnp.sum(suffix_parity << jnp.arange(r, dtype=jnp.int32), axis=-1)
 
 
+def padding_key(num_projections: int) -> int:
+  """The sort key of padding rows, ``2**r``: past every bucket rank, so they sort last."""
+  return 1 << num_projections
+
+
 def sort_key(x, projections, is_padding=None):
-  """int32 sort key: the bucket rank, or ``2**r`` for padding rows so they sort last."""
+  """int32 sort key: the bucket rank, or ``padding_key`` for padding rows."""
   rank = bucket_rank(x, projections)
   if is_padding is None:
     return rank
-  return jnp.where(is_padding, jnp.int32(1 << projections.shape[-1]), rank)
+  return jnp.where(is_padding, jnp.int32(padding_key(projections.shape[-1])), rank)
 
 
 def sort_permutation(keys):
@@ -113,8 +118,9 @@ def row_map(perm, offsets, source_len: int) -> RowMap:
   return RowMap(to_sorted, from_sorted)
 
 
-def _take_rows(x, idx):
-  return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+def take_rows(x, idx, fill_value=0):
+  """``x[idx]`` along axis 0; indices out of range read ``fill_value``."""
+  return jnp.take(x, idx, axis=0, mode="fill", fill_value=fill_value)
 
 
 @jax.custom_vjp
@@ -126,17 +132,16 @@ def permute(x, idx, inverse_idx):
   ``permute(y, m.from_sorted, m.to_sorted)`` puts them back.
   """
   del inverse_idx
-  return _take_rows(x, idx)
+  return take_rows(x, idx)
 
 
 def _permute_fwd(x, idx, inverse_idx):
-  return _take_rows(x, idx), (idx, inverse_idx, x.shape[0])
+  return take_rows(x, idx), inverse_idx
 
 
-def _permute_bwd(residuals, d_out):
-  idx, inverse_idx, num_rows = residuals
-  d_x = _take_rows(d_out, inverse_idx)
-  return d_x[:num_rows], None, None
+def _permute_bwd(inverse_idx, d_out):
+  # inverse_idx has one entry per row of x, so this has x's shape.
+  return take_rows(d_out, inverse_idx), None, None
 
 
 permute.defvjp(_permute_fwd, _permute_bwd)
@@ -153,7 +158,6 @@ def key_dtype(num_projections: int):
 def head_sort_key(x, projections, is_padding=None):
   """``sort_key`` of sequence-major rows ``x [B, n, H, d]``: ``[B, H, n]`` in ``key_dtype``."""
   with jax.named_scope("lsh_hash"):
-    key = jnp.swapaxes(sort_key(x, projections), 1, 2)
-    if is_padding is not None:
-      key = jnp.where(is_padding, jnp.int32(1 << projections.shape[-1]), key)
+    padding = None if is_padding is None else jnp.swapaxes(is_padding, 1, 2)
+    key = jnp.swapaxes(sort_key(x, projections, padding), 1, 2)
     return key.astype(key_dtype(projections.shape[-1]))

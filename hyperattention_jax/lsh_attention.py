@@ -130,10 +130,8 @@ def lsh_attention(query, key, value, q_pos, k_pos, plan: LshPlan, *, q_offsets, 
     idx = plan.sample_idx[..., :num_samples]
     sample_rows = jnp.take_along_axis(grouped(k_map.to_sorted.reshape(plan.k_perm.shape)),
                                       grouped(idx), axis=-1)
-    extra_k, extra_v = (jnp.take(x.reshape(-1, x.shape[-1]), sample_rows, axis=0, mode="fill",
-                                 fill_value=0).reshape(batch * groups, kv_heads, 1, num_samples,
-                                                       x.shape[-1])
-                        for x in (key, value))
+    extra_k, extra_v = (lsh.take_rows(x.reshape(-1, x.shape[-1]), sample_rows).reshape(
+        batch * groups, kv_heads, 1, num_samples, x.shape[-1]) for x in (key, value))
     has_keys = (plan.num_valid > 0)[..., None]
     extra_pos = jnp.where(has_keys, lsh.gather(sorted_k_pos, idx), -1)[:, :, None]
     extra_block = (idx // bk)[:, :, None]
@@ -154,7 +152,5 @@ def _unsort(out, lse, q_map: lsh.RowMap, q_len: int, shape):
   dv = out.shape[-1]
   out = lsh.permute(out[:, :, :q_len].reshape(-1, dv), q_map.from_sorted, q_map.to_sorted)
   # lse is small: a plain gather, with -inf on the rows outside the piece.
-  in_piece = q_map.from_sorted < q_map.to_sorted.shape[0]
-  lse = jnp.take(lse[:, :, :q_len].reshape(-1), q_map.from_sorted, mode="fill", fill_value=0)
-  lse = jnp.where(in_piece, lse, -jnp.inf)
+  lse = lsh.take_rows(lse[:, :, :q_len].reshape(-1), q_map.from_sorted, fill_value=-jnp.inf)
   return out.reshape(*shape, dv), lse.reshape(shape)

@@ -106,7 +106,8 @@ def causal_attention(query, key, value, q_pos, k_pos, q_is_padding, *, sample_rn
                              scale=scale, block_attention=block_attention)
   pieces = [(_heads_last(out)[:, :seq_len], _heads_last(lse)[:, :seq_len])]
   # Every row is hashed once; each level sorts the keys of its rectangles' rows.
-  padding_key = np.asarray(1 << projections.shape[-1], lsh.key_dtype(projections.shape[-1]))
+  r = projections.shape[-1]
+  padding_key = np.asarray(lsh.padding_key(r), lsh.key_dtype(r))
   q_key = pad_axis(lsh.head_sort_key(query, projections, q_is_padding), padded, 2,
                    value=padding_key)
   k_key = pad_axis(lsh.head_sort_key(key, projections, k_pos[:, :, :seq_len] < 0), padded, 2,
