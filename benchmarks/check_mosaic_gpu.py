@@ -133,7 +133,7 @@ def check_primitive(name, inputs, spec, scale, seed, tol):
 
 def check_local(name, *, heads, seq, block, causal, sink_size, window_size, dtype, seed, tol):
   keys = jax.random.split(jax.random.key(seed), 3)
-  shape = (1, heads, seq, 128)
+  shape = (1, seq, heads, 128)  # sequence-major, as local_attention takes it
   positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (1, heads, seq))
   inputs = dict(q=_normal(keys[0], shape, dtype), k=_normal(keys[1], shape, dtype),
                 v=_normal(keys[2], shape, dtype), q_pos=positions, k_pos=positions)

@@ -31,9 +31,15 @@ Shapes (``Hq = g * Hk`` for grouped-query attention; query head ``h`` reads key 
 Returns ``o [B, Hq, num_blocks * block_q, dv]`` in q's dtype and
 ``lse [B, Hq, num_blocks * block_q]`` float32: the log of the weighted sum of
 ``exp(scale * q.k)`` over the counted keys (``-inf``, with ``o = 0``, when none counts).
+
+With ``BlockSpec.sequence_major`` q, k, v and o are ``[B, rows, H, d]`` instead (the
+public layout, so callers need no head-major copies); everything else keeps its shape.
+Implementations that read only the head-major layout take such calls through
+``head_major``.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +65,8 @@ class BlockSpec:
     extra_keys: rule for the extra keys.
     sink_size: ``E(p)`` holds positions ``< sink_size`` ...
     window_size: ... and positions ``t`` with ``|p - t| < window_size``.
+    sequence_major: q, k, v and the output are ``[B, n, H, d]`` (the public layout)
+      instead of ``[B, H, n, d]``; positions, extra keys and lse keep their shapes.
   """
 
   block_q: int
@@ -68,6 +76,7 @@ class BlockSpec:
   extra_keys: str = ALL
   sink_size: int = 0
   window_size: int = 0
+  sequence_major: bool = False
 
   def __post_init__(self):
     check_int("block_q", self.block_q, 1)
@@ -120,6 +129,23 @@ def masked_softmax(logits, keep):
   return probs, lse[..., 0]
 
 
+def head_major(block_attention_fn):
+  """Lets a ``block_attention`` implementation that reads ``[B, H, n, d]`` take
+  ``spec.sequence_major`` calls too, by transposing q, k, v in and the output back."""
+
+  @functools.wraps(block_attention_fn)
+  def wrapped(q, k, v, *args, spec: BlockSpec, **kwargs):
+    if not spec.sequence_major:
+      return block_attention_fn(q, k, v, *args, spec=spec, **kwargs)
+    swap = lambda x: jnp.swapaxes(x, 1, 2)
+    out, lse = block_attention_fn(swap(q), swap(k), swap(v), *args,
+                                  spec=dataclasses.replace(spec, sequence_major=False), **kwargs)
+    return swap(out), lse
+
+  return wrapped
+
+
+@head_major
 def block_attention(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_block,
                     extra_bias, *, spec: BlockSpec, scale):
   """Pure-JAX reference of the core primitive (see the module docstring)."""

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from hyperattention_jax import core
-from hyperattention_jax import lsh
 from hyperattention_jax.lsh_attention import blocking
 from hyperattention_jax.util import pad_axis
 
@@ -40,12 +39,13 @@ def extra_positions(num_blocks: int, block_k: int, kv_len: int, *, sink_size: in
 
 
 @jax.named_scope("exact_local")
-def local_attention(q, k, v, q_pos, k_pos, *, block_size: int, causal: bool, sink_size: int,
-                    window_size: int, scale, block_attention):
+def local_attention(query, key, value, q_pos, k_pos, *, block_size: int, causal: bool,
+                    sink_size: int, window_size: int, scale, block_attention):
   """Exact attention over ``E(p)`` (non-causal), or exact causal leaves plus ``E(p)``.
 
   Args:
-    q: ``[B, Hq, nq, dk]``; k: ``[B, Hk, nk, dk]``; v: ``[B, Hk, nk, dv]``, original order.
+    query: ``[B, nq, Hq, dk]``; key: ``[B, nk, Hk, dk]``; value: ``[B, nk, Hk, dv]``,
+      sequence-major (the public layout), rows in original order.
     q_pos: ``[B, Hq, nq]``; k_pos: ``[B, Hk, nk]`` (negative marks padding).
     block_size: rows per block (the leaf length when causal).
     causal: leaves: every earlier key of the block counts, plus ``E(p)`` outside it.
@@ -55,30 +55,31 @@ def local_attention(q, k, v, q_pos, k_pos, *, block_size: int, causal: bool, sin
     block_attention: the core primitive implementation.
 
   Returns:
-    ``o [B, Hq, nq, dv]`` and ``lse [B, Hq, nq]``.
+    ``o [B, nq, Hq, dv]`` and ``lse [B, Hq, nq]``.
   """
-  batch, kv_heads, kv_len, _ = k.shape
-  q_len = q.shape[2]
+  batch, kv_len, kv_heads, _ = key.shape
+  q_len = query.shape[1]
   nb, bq, bk = blocking(q_len, kv_len, block_size)
   idx = extra_positions(nb, bk, kv_len, sink_size=sink_size, window_size=window_size,
                         causal=causal)
   num_extra = idx.shape[1]
-  flat = jnp.broadcast_to(jnp.maximum(idx, 0).reshape(-1), (batch, kv_heads, nb * num_extra))
+  flat = jnp.maximum(idx, 0).reshape(-1)
   shape = (batch, kv_heads, nb, num_extra)
-  extra_k = lsh.gather_rows(k, flat).reshape(shape + k.shape[-1:])
-  extra_v = lsh.gather_rows(v, flat).reshape(shape + v.shape[-1:])
-  extra_pos = jnp.where(idx >= 0, lsh.gather(k_pos, flat).reshape(shape), -1)
+  extra_k, extra_v = (jnp.moveaxis(jnp.take(x, flat, axis=1), 1, 2).reshape(shape + x.shape[-1:])
+                      for x in (key, value))
+  extra_pos = jnp.where(idx >= 0, jnp.take(k_pos, flat, axis=2).reshape(shape), -1)
   extra_block = jnp.full(extra_pos.shape, -1, jnp.int32)
 
   spec = core.BlockSpec(block_q=bq, block_k=bk, causal=causal,
                         diagonal_keys=core.ALL if causal else core.LOCAL,
-                        extra_keys=core.LOCAL, sink_size=sink_size, window_size=window_size)
+                        extra_keys=core.LOCAL, sink_size=sink_size, window_size=window_size,
+                        sequence_major=True)
   out, lse = block_attention(
-      pad_axis(q, nb * bq, 2), pad_axis(k, nb * bk, 2), pad_axis(v, nb * bk, 2),
+      pad_axis(query, nb * bq, 1), pad_axis(key, nb * bk, 1), pad_axis(value, nb * bk, 1),
       pad_axis(q_pos, nb * bq, 2, value=-1), pad_axis(k_pos, nb * bk, 2, value=-1),
       extra_k, extra_v, extra_pos, extra_block, jnp.zeros((batch,), jnp.float32),
       spec=spec, scale=scale)
-  return out[:, :, :q_len], lse[:, :, :q_len]
+  return out[:, :q_len], lse[:, :, :q_len]
 
 
 @jax.named_scope("exact_local")

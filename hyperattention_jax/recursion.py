@@ -73,11 +73,10 @@ def noncausal_attention(query, key, value, q_pos, k_pos, q_is_padding, *, sample
                                           scale=scale)
   else:
     local_out, local_lse = local_attention(
-        *(_heads_last(x) for x in (query, key, value)), q_pos, k_pos,
-        block_size=max(config.block_size, config.window_size), causal=False,
-        sink_size=config.sink_size, window_size=config.window_size, scale=scale,
+        query, key, value, q_pos, k_pos, block_size=max(config.block_size, config.window_size),
+        causal=False, sink_size=config.sink_size, window_size=config.window_size, scale=scale,
         block_attention=block_attention)
-    local_out, local_lse = _heads_last(local_out), _heads_last(local_lse)
+    local_lse = _heads_last(local_lse)
   out, lse = merge_partials(out, lse, local_out, local_lse)
   return out, _heads_last(lse)
 
@@ -99,12 +98,12 @@ def causal_attention(query, key, value, q_pos, k_pos, q_is_padding, *, sample_rn
   q_pos = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (batch, query.shape[2], padded))
   k_pos = pad_axis(k_pos, padded, 2, value=-1)
 
-  # The leaves run on head-major copies (the kernels' layout), in original order.
-  q, k, v = (pad_axis(_heads_last(x), padded, 2) for x in (query, key, value))
-  out, lse = local_attention(q, k, v, q_pos, k_pos, block_size=leaf, causal=True,
-                             sink_size=config.sink_size, window_size=config.window_size,
-                             scale=scale, block_attention=block_attention)
-  pieces = [(_heads_last(out)[:, :seq_len], _heads_last(lse)[:, :seq_len])]
+  # The leaves: rows in original order, padded to whole leaves.
+  out, lse = local_attention(*(pad_axis(x, padded, 1) for x in (query, key, value)), q_pos,
+                             k_pos, block_size=leaf, causal=True, sink_size=config.sink_size,
+                             window_size=config.window_size, scale=scale,
+                             block_attention=block_attention)
+  pieces = [(out[:, :seq_len], _heads_last(lse)[:, :seq_len])]
   # Every row is hashed once; each level sorts the keys of its rectangles' rows.
   r = projections.shape[-1]
   padding_key = np.asarray(lsh.padding_key(r), lsh.key_dtype(r))

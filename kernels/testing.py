@@ -8,7 +8,7 @@ import numpy as np
 
 
 def random_inputs(seed, *, batch, q_heads, kv_heads, num_blocks, block_q, block_k, dk, dv,
-                  num_extra, per_block, dtype, causal=False, sinks=False):
+                  num_extra, per_block, dtype, causal=False, sinks=False, sequence_major=False):
   """Random arguments of the core primitive (none zero), laid out as the callers build them.
 
   Non-causal calls get shuffled positions (LSH-sorted rows) and some padding keys; causal
@@ -17,7 +17,7 @@ def random_inputs(seed, *, batch, q_heads, kv_heads, num_blocks, block_q, block_
   each block's set holds the first positions (unused where they lie in the block itself);
   for causal leaves, sinks and positions shortly before the block; otherwise random
   positions. Shared extra sets carry random blocks; per-block sets never lie in their own
-  block.
+  block. With ``sequence_major`` q, k and v are ``[B, n, H, d]`` (``BlockSpec.sequence_major``).
   """
   rng = np.random.default_rng(seed)
   nq, nk = num_blocks * block_q, num_blocks * block_k
@@ -48,9 +48,10 @@ def random_inputs(seed, *, batch, q_heads, kv_heads, num_blocks, block_q, block_
   else:
     extra_block = rng.integers(0, num_blocks, size=extra_pos.shape)
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
+  rows = (lambda x: jnp.swapaxes(x, 1, 2)) if sequence_major else (lambda x: x)
   return dict(
-      q=normal(batch, q_heads, nq, dk), k=normal(batch, kv_heads, nk, dk),
-      v=normal(batch, kv_heads, nk, dv), q_pos=jnp.asarray(q_pos, jnp.int32),
+      q=rows(normal(batch, q_heads, nq, dk)), k=rows(normal(batch, kv_heads, nk, dk)),
+      v=rows(normal(batch, kv_heads, nk, dv)), q_pos=jnp.asarray(q_pos, jnp.int32),
       k_pos=jnp.asarray(k_pos, jnp.int32), extra_k=normal(batch, kv_heads, sets, num_extra, dk),
       extra_v=normal(batch, kv_heads, sets, num_extra, dv),
       extra_pos=jnp.asarray(extra_pos, jnp.int32),

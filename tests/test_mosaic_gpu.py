@@ -44,6 +44,17 @@ _CASES = (
          block_q=200, block_k=200, dk=64, dv=64, num_extra=20, per_block=True,
          dtype=jnp.float16, causal=True,
          spec=dict(causal=True, extra_keys=core.LOCAL, sink_size=2, window_size=12)),
+    # The same two calls with q, k, v and o in the sequence-major layout.
+    dict(testcase_name="lsh_piece_bf16_gqa_sequence_major", batch=1, q_heads=2, kv_heads=1,
+         num_blocks=2, block_q=100, block_k=120, dk=128, dv=64, num_extra=70, per_block=False,
+         dtype=jnp.bfloat16,
+         spec=dict(diagonal_keys=core.NONLOCAL, extra_keys=core.NONLOCAL, sink_size=3,
+                   sequence_major=True)),
+    dict(testcase_name="causal_leaf_fp16_sequence_major", batch=2, q_heads=2, kv_heads=2,
+         num_blocks=1, block_q=200, block_k=200, dk=64, dv=64, num_extra=20, per_block=True,
+         dtype=jnp.float16, causal=True,
+         spec=dict(causal=True, extra_keys=core.LOCAL, sink_size=2, window_size=12,
+                   sequence_major=True)),
     # The non-causal exact local part with no window: only the sinks count, so the
     # diagonal tiles of blocks without a sink are skipped; one extra set per block.
     dict(testcase_name="local_sinks_bf16", batch=1, q_heads=1, kv_heads=1, num_blocks=2,
@@ -92,7 +103,8 @@ class MosaicGpuKernelTest(parameterized.TestCase):
   def test_matches_reference(self, *, spec, dtype, causal=False, sinks=False, same_delta=False,
                              **shape):
     seed = _seed(self._testMethodName)
-    inputs = random_inputs(seed, dtype=dtype, causal=causal, sinks=sinks, **shape)
+    inputs = random_inputs(seed, dtype=dtype, causal=causal, sinks=sinks,
+                           sequence_major=spec.get("sequence_major", False), **shape)
     spec = core.BlockSpec(block_q=shape["block_q"], block_k=shape["block_k"], **spec)
     scale = 0.9 / np.sqrt(shape["dk"])
     kernel = functools.partial(mosaic_gpu.block_attention, interpret=plgpu.InterpretGPUParams())
@@ -180,18 +192,22 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
       # warpgroup in the backward kernels), a leaf that is not a multiple of the tiles.
       dict(testcase_name="leaf_fp16_d256", dtype=jnp.float16, head_dim=256, block=300,
            num_blocks=2, num_extra=40, per_block=True, causal=True, window_size=32),
+      # Causal leaves reading and writing the sequence-major layout (strided bulk copies).
+      dict(testcase_name="leaf_bf16_d128_sequence_major", dtype=jnp.bfloat16, head_dim=128,
+           block=256, num_blocks=2, num_extra=4, per_block=True, causal=True, window_size=0,
+           sequence_major=True),
   )
   def test_lowers_for_hopper(self, *, dtype, head_dim, block, num_blocks, num_extra,
-                             per_block, causal, window_size):
+                             per_block, causal, window_size, sequence_major=False):
     """Forward and backward lower through Mosaic GPU for sm_90 (no GPU needed)."""
     inputs = random_inputs(_seed(self._testMethodName), batch=1, q_heads=4, kv_heads=2,
                            num_blocks=num_blocks, block_q=block, block_k=block, dk=head_dim,
                            dv=head_dim, num_extra=num_extra, per_block=per_block, dtype=dtype,
-                           causal=causal)
+                           causal=causal, sequence_major=sequence_major)
     spec = core.BlockSpec(block_q=block, block_k=block, causal=causal,
                           extra_keys=core.LOCAL if per_block else core.NONLOCAL,
                           diagonal_keys=core.ALL if causal else core.NONLOCAL, sink_size=4,
-                          window_size=window_size)
+                          window_size=window_size, sequence_major=sequence_major)
     fixed = {name: x for name, x in inputs.items() if name not in _DIFFERENTIABLE}
 
     def loss(diff, scale):

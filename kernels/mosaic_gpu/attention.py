@@ -53,7 +53,10 @@ def _padded_attention_bwd(static, residuals, cotangents):
   prob = static.prob
   f32 = jnp.float32
   ops = _kernel_operands(static, q, k, v, extra_k, extra_v, extra_bias, scale, positions)
-  delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1) - d_lse.astype(f32)
+  delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)
+  if prob.spec.sequence_major:
+    delta = jnp.swapaxes(delta, 1, 2)
+  delta = delta - d_lse.astype(f32)
   lse2 = jnp.where(jnp.isfinite(lse), lse * layout.LOG2E, jnp.inf)
   rows = [lse2, delta]
   if prob.needs_positions:
@@ -140,6 +143,6 @@ def block_attention(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_bl
       jnp.asarray(extra_bias, jnp.float32), jnp.asarray(scale, jnp.float32), positions)
   unpad = functools.partial(layout.unpad_blocks, num_blocks=prob.num_blocks,
                             block=spec.block_q, padded=prob.block_q)
-  return unpad(out), unpad(lse)
+  return unpad(out, axis=prob.seq_axis), unpad(lse)
 
 

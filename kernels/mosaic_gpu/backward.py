@@ -84,8 +84,9 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
     def _compute():
       rows_here = pl.ds(tile * cta_rows + wg * rows, rows)
       q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
-      plgpu.copy_gmem_to_smem(q_ref.at[batch, head, rows_here], q_tile, q_bar.at[wg])
-      plgpu.copy_gmem_to_smem(do_ref.at[batch, head, rows_here], do_tile, q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(prob.rows_of(q_ref, batch, head, rows_here), q_tile, q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(prob.rows_of(do_ref, batch, head, rows_here), do_tile,
+                              q_bar.at[wg])
       plgpu.copy_gmem_to_smem(qmeta_ref.at[batch, head, :, rows_here], qmeta_smem.at[wg],
                               q_bar.at[wg])
       plgpu.copy_gmem_to_smem(coef_ref.at[:, pl.ds(0, rows)], coef_smem.at[wg], q_bar.at[wg])
@@ -136,7 +137,7 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
       sums_smem.at[wg, 0][...] = dscale
       sums_smem.at[wg, 1][...] = dbias
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[batch, head, rows_here])
+      plgpu.copy_smem_to_gmem(q_tile, prob.rows_of(dq_ref, batch, head, rows_here))
       plgpu.copy_smem_to_gmem(sums_smem.at[wg, 0], dscale_ref.at[batch, head, rows_here])
       plgpu.copy_smem_to_gmem(sums_smem.at[wg, 1], dbias_ref.at[batch, head, rows_here])
       plgpu.wait_smem_to_gmem(0)
@@ -161,7 +162,7 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
   )
 
   row_sums = jax.ShapeDtypeStruct((prob.batch, prob.q_heads, prob.q_len), f32)
-  out_type = (jax.ShapeDtypeStruct((prob.batch, prob.q_heads, prob.q_len, prob.dk), dtype),
+  out_type = (jax.ShapeDtypeStruct(prob.rows_shape(prob.q_heads, prob.q_len, prob.dk), dtype),
               row_sums, row_sums)
   return common.launch(
       kernel, buffers=buffers, barriers=barriers, out_type=out_type,
@@ -264,13 +265,13 @@ def dkv(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, chunks
         head, row = query_tile(step)
         rows_sl = pl.ds(row, tq)
         if which == 0:
-          plgpu.copy_gmem_to_smem(q_ref.at[batch, head, rows_sl], q_smem.at[slot],
+          plgpu.copy_gmem_to_smem(prob.rows_of(q_ref, batch, head, rows_sl), q_smem.at[slot],
                                   q_bar.at[slot])
           plgpu.copy_gmem_to_smem(qmeta_ref.at[batch, head, :, rows_sl], qmeta_smem.at[slot],
                                   q_bar.at[slot])
         else:
-          plgpu.copy_gmem_to_smem(do_ref.at[batch, head, rows_sl], do_smem.at[slot],
-                                  do_bar.at[slot])
+          plgpu.copy_gmem_to_smem(prob.rows_of(do_ref, batch, head, rows_sl),
+                                  do_smem.at[slot], do_bar.at[slot])
 
       common.produce(fetch, (q_free, do_free), num_steps=num_steps, stages=stages)
 
@@ -282,8 +283,8 @@ def dkv(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, chunks
       @pl.when(~is_extra)
       def _diagonal_keys():
         keys = pl.ds(first_key + wg * rows, rows)
-        plgpu.copy_gmem_to_smem(k_ref.at[batch, kv_head, keys], k_tile, bar)
-        plgpu.copy_gmem_to_smem(v_ref.at[batch, kv_head, keys], v_tile, bar)
+        plgpu.copy_gmem_to_smem(prob.rows_of(k_ref, batch, kv_head, keys), k_tile, bar)
+        plgpu.copy_gmem_to_smem(prob.rows_of(v_ref, batch, kv_head, keys), v_tile, bar)
         plgpu.copy_gmem_to_smem(kmeta_ref.at[batch, kv_head, :, keys], kmeta, bar)
 
       if extra_ctas:
@@ -347,8 +348,8 @@ def dkv(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, chunks
       @pl.when(~is_extra)
       def _store_diagonal():
         keys = pl.ds(first_key + wg * rows, rows)
-        dk_ref.at[batch, kv_head, keys][...] = dk_acc.astype(dtype)
-        dv_ref.at[batch, kv_head, keys][...] = dv_acc.astype(dtype)
+        prob.rows_of(dk_ref, batch, kv_head, keys)[...] = dk_acc.astype(dtype)
+        prob.rows_of(dv_ref, batch, kv_head, keys)[...] = dv_acc.astype(dtype)
 
       if extra_ctas:
         @pl.when(is_extra)
@@ -377,8 +378,8 @@ def dkv(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, chunks
 
   m = max(prob.num_extra, 1)
   out_type = (
-      jax.ShapeDtypeStruct((prob.batch, prob.kv_heads, prob.k_len, prob.dk), dtype),
-      jax.ShapeDtypeStruct((prob.batch, prob.kv_heads, prob.k_len, prob.dv), dtype),
+      jax.ShapeDtypeStruct(prob.rows_shape(prob.kv_heads, prob.k_len, prob.dk), dtype),
+      jax.ShapeDtypeStruct(prob.rows_shape(prob.kv_heads, prob.k_len, prob.dv), dtype),
       jax.ShapeDtypeStruct((chunks, prob.batch, prob.kv_heads, prob.num_sets, m, prob.dk), f32),
       jax.ShapeDtypeStruct((chunks, prob.batch, prob.kv_heads, prob.num_sets, m, prob.dv), f32),
   )

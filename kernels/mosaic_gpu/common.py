@@ -313,7 +313,8 @@ def stream_keys(cta: QueryCta, prob: Problem, tiles: Tiles, key_refs, extra_refs
   Args:
     cta: the CTA (``query_cta``).
     prob, tiles: the call and the kernel's tiles.
-    key_refs: ``(k [B, Hk, Nk, dk], v [B, Hk, Nk, dv], meta [B, Hk, R, Nk])`` in GMEM.
+    key_refs: ``(k [B, Hk, Nk, dk], v [B, Hk, Nk, dv], meta [B, Hk, R, Nk])`` in GMEM (k
+      and v sequence-major with ``spec.sequence_major``).
     extra_refs: ``(k [B, Hk, E, M, dk], v [B, Hk, E, M, dv], meta [B, Hk, E, R, M])``;
       unused when there are no extra keys.
     buffers: shared-memory rings ``k [S, tk, dk]``, ``v [S, tk, dv]``, ``meta [S, R, tk]``.
@@ -329,7 +330,7 @@ def stream_keys(cta: QueryCta, prob: Problem, tiles: Tiles, key_refs, extra_refs
     @pl.when(step < num_diagonal)
     def _diagonal():
       keys = pl.ds(first_key + step * key_tile, key_tile)
-      plgpu.copy_gmem_to_smem(key_refs[which].at[batch, kv_head, keys],
+      plgpu.copy_gmem_to_smem(prob.rows_of(key_refs[which], batch, kv_head, keys),
                               (k_smem, v_smem)[which].at[slot], ready[which].at[slot])
       if which == 0:
         plgpu.copy_gmem_to_smem(key_refs[2].at[batch, kv_head, :, keys], meta_smem.at[slot],

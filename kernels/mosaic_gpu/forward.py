@@ -51,7 +51,8 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
     interpret: ``plgpu.InterpretGPUParams`` to run on the CPU interpreter, or None.
 
   Returns:
-    ``o [B, Hq, Nq, dv]`` in the input dtype and ``lse [B, Hq, Nq]`` float32 (natural log).
+    ``o [B, Hq, Nq, dv]`` (``[B, Nq, Hq, dv]`` sequence-major) in the input dtype and
+    ``lse [B, Hq, Nq]`` float32 (natural log).
   """
   common.check_smem(smem_bytes(prob, tiles), "the forward kernel")
   nw, rows, tk, stages = tiles.compute_wgs, ROWS_PER_WG, tiles.key_tile, tiles.num_stages
@@ -87,7 +88,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
         plgpu.set_max_registers(232, action="increase")
       rows_here = pl.ds(tile * cta_rows + wg * rows, rows)
       q_tile = q_smem.at[wg]
-      plgpu.copy_gmem_to_smem(q_ref.at[batch, head, rows_here], q_tile, q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(prob.rows_of(q_ref, batch, head, rows_here), q_tile, q_bar.at[wg])
       plgpu.copy_gmem_to_smem(coef_ref.at[0, pl.ds(0, rows)], coef_smem.at[wg], q_bar.at[wg])
       if needs_pos:
         plgpu.copy_gmem_to_smem(qpos_ref.at[batch, head, rows_here], qpos_smem.at[wg],
@@ -151,7 +152,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       out_tile[...] = (acc * row_vec(inv, acc.shape)).astype(dtype)
       lse_smem.at[wg][...] = lse
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_tile, o_ref.at[batch, head, rows_here])
+      plgpu.copy_smem_to_gmem(out_tile, prob.rows_of(o_ref, batch, head, rows_here))
       plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows_here])
       plgpu.wait_smem_to_gmem(0)
 
@@ -176,7 +177,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       plgpu.Barrier(num_arrivals=2) if ping_pong else None,         # compute turn
   )
 
-  out_type = (jax.ShapeDtypeStruct((prob.batch, prob.q_heads, prob.q_len, prob.dv), dtype),
+  out_type = (jax.ShapeDtypeStruct(prob.rows_shape(prob.q_heads, prob.q_len, prob.dv), dtype),
               jax.ShapeDtypeStruct((prob.batch, prob.q_heads, prob.q_len), f32))
   return common.launch(
       kernel, buffers=buffers, barriers=barriers, out_type=out_type,

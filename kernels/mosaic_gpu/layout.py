@@ -83,6 +83,21 @@ class Problem:
     return self.num_blocks * self.block_k
 
   @property
+  def seq_axis(self) -> int:
+    """The rows axis of q, k, v and o (and their gradients): 1 when sequence-major."""
+    return 1 if self.spec.sequence_major else 2
+
+  def rows_shape(self, heads: int, length: int, dim: int):
+    """Shape of a q/k/v-like array of ``heads`` heads and ``length`` rows in this call."""
+    if self.spec.sequence_major:
+      return (self.batch, length, heads, dim)
+    return (self.batch, heads, length, dim)
+
+  def rows_of(self, ref, batch, head, rows):
+    """``rows`` of one (batch, head) of a q/k/v-like GMEM ref, in either layout."""
+    return ref.at[batch, rows, head] if self.spec.sequence_major else ref.at[batch, head, rows]
+
+  @property
   def needs_positions(self) -> bool:
     """Whether some mask depends on the query too (so positions must reach the kernel)."""
     return self.spec.causal or self.spec.window_size > 0
@@ -103,7 +118,8 @@ class Problem:
 class Operands(dict):
   """The arrays of a call in the kernels' layout (a dict, so it is a pytree).
 
-  Keys: ``q [B, Hq, Nq, dk]``, ``k [B, Hk, Nk, dk]``, ``v [B, Hk, Nk, dv]``,
+  Keys: ``q [B, Hq, Nq, dk]``, ``k [B, Hk, Nk, dk]``, ``v [B, Hk, Nk, dv]`` (rows on axis 1
+  and heads on axis 2 with ``spec.sequence_major``),
   ``k_meta [B, Hk, R, Nk]``, ``extra_k [B, Hk, E, M, dk]``, ``extra_v [B, Hk, E, M, dv]``,
   ``extra_meta [B, Hk, E, R, M]``, ``q_pos [B, Hq, Nq]`` float32, ``coef [2, 128]`` float32
   (row 0: ``scale * log2(e)``, row 1: ``scale``, repeated along the row), ``diag_live
@@ -135,8 +151,12 @@ def describe(q, k, v, extra_pos, *, spec: core.BlockSpec, q_multiple: int, k_mul
   Raises:
     NotImplementedError: for calls outside the kernels (dtype, head dim, shapes).
   """
-  batch, q_heads, q_len, dk = q.shape
-  kv_heads, k_len, dv = v.shape[1], v.shape[2], v.shape[3]
+  if spec.sequence_major:
+    batch, q_len, q_heads, dk = q.shape
+    k_len, kv_heads, dv = v.shape[1], v.shape[2], v.shape[3]
+  else:
+    batch, q_heads, q_len, dk = q.shape
+    kv_heads, k_len, dv = v.shape[1], v.shape[2], v.shape[3]
   dtype = jnp.dtype(q.dtype)
   if dtype not in SUPPORTED_DTYPES or k.dtype != dtype or v.dtype != dtype:
     raise unsupported(f"dtypes {q.dtype}, {k.dtype}, {v.dtype}; needs bfloat16 or float16.")
@@ -168,25 +188,26 @@ def describe(q, k, v, extra_pos, *, spec: core.BlockSpec, q_multiple: int, k_mul
       exclude_in_kernel=num_sets == 1 and num_blocks > 1 and num_extra > 0, dtype=dtype)
 
 
-def _pad_blocks(x, num_blocks: int, block: int, padded: int, value=0):
-  """Pads each of the ``num_blocks`` blocks on axis 2 from ``block`` to ``padded`` rows."""
+def _pad_blocks(x, num_blocks: int, block: int, padded: int, value=0, axis: int = 2):
+  """Pads each of the ``num_blocks`` blocks on ``axis`` from ``block`` to ``padded`` rows."""
   if block == padded:
     return x
   shape = x.shape
-  x = x.reshape(shape[:2] + (num_blocks, block) + shape[3:])
+  x = x.reshape(shape[:axis] + (num_blocks, block) + shape[axis + 1:])
   pad = [(0, 0)] * x.ndim
-  pad[3] = (0, padded - block)
+  pad[axis + 1] = (0, padded - block)
   x = jnp.pad(x, pad, constant_values=value)
-  return x.reshape(shape[:2] + (num_blocks * padded,) + shape[3:])
+  return x.reshape(shape[:axis] + (num_blocks * padded,) + shape[axis + 1:])
 
 
-def unpad_blocks(x, num_blocks: int, block: int, padded: int):
-  """Inverse of ``_pad_blocks`` (axis 2)."""
+def unpad_blocks(x, num_blocks: int, block: int, padded: int, axis: int = 2):
+  """Inverse of ``_pad_blocks``."""
   if block == padded:
     return x
   shape = x.shape
-  x = x.reshape(shape[:2] + (num_blocks, padded) + shape[3:])[:, :, :, :block]
-  return x.reshape(shape[:2] + (num_blocks * block,) + shape[3:])
+  x = x.reshape(shape[:axis] + (num_blocks, padded) + shape[axis + 1:])
+  x = jax.lax.slice_in_dim(x, 0, block, axis=axis + 1)
+  return x.reshape(shape[:axis] + (num_blocks * block,) + shape[axis + 1:])
 
 
 def _column_keep(pos, rule: str, spec: core.BlockSpec):
@@ -225,10 +246,11 @@ def pad(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_block, prob: P
   spec = prob.spec
   nb = prob.num_blocks
   m = max(prob.num_extra, 1)  # a dummy (masked) extra key keeps shapes non-empty
+  rows = prob.seq_axis
   return dict(
-      q=_pad_blocks(q, nb, spec.block_q, prob.block_q),
-      k=_pad_blocks(k, nb, spec.block_k, prob.block_k),
-      v=_pad_blocks(v, nb, spec.block_k, prob.block_k),
+      q=_pad_blocks(q, nb, spec.block_q, prob.block_q, axis=rows),
+      k=_pad_blocks(k, nb, spec.block_k, prob.block_k, axis=rows),
+      v=_pad_blocks(v, nb, spec.block_k, prob.block_k, axis=rows),
       q_pos=_pad_blocks(q_pos.astype(jnp.int32), nb, spec.block_q, prob.block_q, value=-1),
       k_pos=_pad_blocks(k_pos.astype(jnp.int32), nb, spec.block_k, prob.block_k, value=-1),
       extra_k=_pad_axis3(extra_k, m), extra_v=_pad_axis3(extra_v, m),

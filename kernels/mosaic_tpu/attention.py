@@ -149,6 +149,7 @@ def plan_call(q, k, v, extra_k, extra_pos, *, spec: core.BlockSpec,
                            itemsize=jnp.dtype(q.dtype).itemsize, block_sizes=block_sizes)
 
 
+@core.head_major
 def block_attention(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_block, extra_bias,
                     *, spec: core.BlockSpec, scale, block_sizes: BlockSizes | None = None,
                     interpret=False):
