@@ -51,6 +51,12 @@ _CASES = (
          num_blocks=2, block_q=200, block_k=200, dk=32, dv=32, num_extra=150, per_block=True,
          dtype=jnp.bfloat16, causal=True, block_sizes=_SMALL_TILES,
          spec=dict(causal=True, extra_keys=core.LOCAL, sink_size=2, window_size=40)),
+    # The same leaves called in the sequence-major layout (transposed in and out).
+    dict(testcase_name="causal_leaf_bf16_gqa_sequence_major", batch=1, q_heads=2, kv_heads=1,
+         num_blocks=2, block_q=200, block_k=200, dk=32, dv=32, num_extra=150, per_block=True,
+         dtype=jnp.bfloat16, causal=True, block_sizes=_SMALL_TILES,
+         spec=dict(causal=True, extra_keys=core.LOCAL, sink_size=2, window_size=40,
+                   sequence_major=True)),
     # The exact local part: only sinks and window count, per-block extra sets resident.
     dict(testcase_name="local_window_bf16", batch=1, q_heads=2, kv_heads=2, num_blocks=3,
          block_q=48, block_k=48, dk=64, dv=64, num_extra=20, per_block=True,
@@ -72,7 +78,8 @@ class MosaicTpuKernelTest(parameterized.TestCase):
   @parameterized.named_parameters(*_CASES)
   def test_matches_reference(self, *, spec, dtype, block_sizes=None, **shape):
     seed = _seed(self._testMethodName)
-    inputs = random_inputs(seed, dtype=dtype, **shape)
+    inputs = random_inputs(seed, dtype=dtype, sequence_major=spec.get("sequence_major", False),
+                           **shape)
     spec = core.BlockSpec(block_q=shape["block_q"], block_k=shape["block_k"], **spec)
     scale = 0.9 / np.sqrt(shape["dk"])
     # The seed shuffles the order of the parallel grid axes: no step may rely on another's.
