@@ -38,6 +38,8 @@ _LEAF_BLOCKS = flags.DEFINE_integer("leaf_blocks", 8, "Leaves (8 x 4096: n = 327
 _BLOCK = flags.DEFINE_integer("block", 256, "Rows per LSH block.")
 _LSH_BLOCKS = flags.DEFINE_integer("lsh_blocks", 64, "LSH blocks (64 x 256: a level at 32k).")
 _SAMPLES = flags.DEFINE_integer("samples", 256, "Shared sampled keys of the LSH piece.")
+_KERNELS = flags.DEFINE_list("kernels", ["forward", "dq", "dkv"],
+                             "Kernels whose candidate tiles to time (none: the defaults only).")
 _REPS = flags.DEFINE_integer("reps", 10, "Timed calls per candidate.")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 3.0, "Time budget per candidate.")
 _OUT = flags.DEFINE_string("out", "", "Write the rows as JSON here.")
@@ -94,9 +96,10 @@ def tune(name, rows):
   want_out = jax.block_until_ready(forward(diff))
   want_grads = jax.block_until_ready(grad(diff))
   variants = [("default", default)]
-  variants += [(f"forward {t}", default._replace(forward=Tiles(*t))) for t in FORWARD]
-  variants += [(f"dq {t}", default._replace(dq=Tiles(*t))) for t in DQ]
-  variants += [(f"dkv {t}", default._replace(dkv=Tiles(*t))) for t in DKV]
+  for kernel, candidates in (("forward", FORWARD), ("dq", DQ), ("dkv", DKV)):
+    if kernel in _KERNELS.value:
+      variants += [(f"{kernel} {t}", default._replace(**{kernel: Tiles(*t)}))
+                   for t in candidates]
   print(f"{name}: {spec}; default {default}", flush=True)
   for label, tiles in variants:
     forward, grad = _functions(inputs, spec, tiles, d_out)

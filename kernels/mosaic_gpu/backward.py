@@ -77,11 +77,13 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
 
     @pl.when(wg == nw)
     def _memory():
+      common.split_registers(True, nw)
       common.stream_keys(cta, prob, tiles, (k_ref, v_ref, kmeta_ref), (xk_ref, xv_ref, xmeta_ref),
                          (k_smem, v_smem, meta_smem), (k_bar, v_bar), (k_free, v_free))
 
     @pl.when(wg < nw)
     def _compute():
+      common.split_registers(False, nw)
       rows_here = pl.ds(tile * cta_rows + wg * rows, rows)
       q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
       plgpu.copy_gmem_to_smem(prob.rows_of(q_ref, batch, head, rows_here), q_tile, q_bar.at[wg])
@@ -103,8 +105,10 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
         dq_acc, dscale, dbias = carry
         slot = lax.rem(step, stages)
         plgpu.barrier_wait(k_bar.at[slot])
-        raw = common.matmul(q_tile, k_smem.at[slot], shape, interpret=interpret,
-                            transpose_b=True)
+        plgpu.barrier_wait(v_bar.at[slot])
+        raw, dp = common.matmuls([(shape, q_tile, k_smem.at[slot], True),
+                                  (shape, do_tile, v_smem.at[slot], True)], interpret=interpret)
+        plgpu.barrier_arrive(v_free.at[slot])
         meta = meta_smem.at[slot]
         bias = plgpu.load(meta.at[BIAS], layout=COL)
         if extra and prob.exclude_in_kernel:
@@ -117,10 +121,6 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
           keep = common.query_key_mask(row_vec(q_pos, shape), col_vec(k_pos, shape), rule, spec)
           s = jnp.where(keep, s, -jnp.inf)
         p = jnp.exp2(s - row_vec(lse2, shape))
-        plgpu.barrier_wait(v_bar.at[slot])
-        dp = common.matmul(do_tile, v_smem.at[slot], shape, interpret=interpret,
-                           transpose_b=True)
-        plgpu.barrier_arrive(v_free.at[slot])
         ds = p * (dp - row_vec(delta, shape))
         dscale = dscale + (ds * raw).sum(axis=1)
         if extra:
@@ -261,6 +261,8 @@ def dkv(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, chunks
 
     @pl.when(wg == nw)
     def _memory():
+      common.split_registers(True, nw)
+
       def fetch(step, slot, which):
         head, row = query_tile(step)
         rows_sl = pl.ds(row, tq)
@@ -277,6 +279,7 @@ def dkv(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, chunks
 
     @pl.when(wg < nw)
     def _compute():
+      common.split_registers(False, nw)
       k_tile, v_tile, kmeta = k_smem.at[wg], v_smem.at[wg], kmeta_smem.at[wg]
       bar = kv_bar.at[wg]
 
@@ -310,8 +313,10 @@ def dkv(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, chunks
         slot = lax.rem(step, stages)
         _, row = query_tile(step)
         plgpu.barrier_wait(q_bar.at[slot])
-        raw = common.matmul(k_tile, q_smem.at[slot], shape, interpret=interpret,
-                            transpose_b=True)
+        plgpu.barrier_wait(do_bar.at[slot])
+        q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
+        raw, dp = common.matmuls([(shape, k_tile, q_tile, True), (shape, v_tile, do_tile, True)],
+                                 interpret=interpret)
         qmeta = qmeta_smem.at[slot]
         lse2 = plgpu.load(qmeta.at[LSE2], layout=COL)
         delta = plgpu.load(qmeta.at[DELTA], layout=COL)
@@ -329,15 +334,11 @@ def dkv(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, chunks
                              common.query_key_mask(*args, spec.extra_keys, spec), keep)
           s = jnp.where(keep, s, -jnp.inf)
         p = jnp.exp2(s - col_vec(lse2, shape))
-        plgpu.barrier_wait(do_bar.at[slot])
-        dv_acc = common.matmul_acc(dv_acc, p.astype(dtype), do_smem.at[slot],
-                                   interpret=interpret)
-        dp = common.matmul(v_tile, do_smem.at[slot], shape, interpret=interpret,
-                           transpose_b=True)
-        plgpu.barrier_arrive(do_free.at[slot])
         ds = p * (dp - col_vec(delta, shape))
-        dk_acc = common.matmul_acc(dk_acc, ds.astype(dtype), q_smem.at[slot],
-                                   interpret=interpret)
+        dv_acc, dk_acc = common.matmuls([(dv_acc, p.astype(dtype), do_tile, False),
+                                         (dk_acc, ds.astype(dtype), q_tile, False)],
+                                        interpret=interpret)
+        plgpu.barrier_arrive(do_free.at[slot])
         plgpu.barrier_arrive(q_free.at[slot])
         return dk_acc, dv_acc
 

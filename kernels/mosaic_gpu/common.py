@@ -122,6 +122,33 @@ def matmul(a, b, shape, *, interpret, transpose_b=False, before_wait=None):
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
+def matmuls(products, *, interpret):
+  """Several products issued together, with one wait: the tensor cores run them back to back.
+
+  Args:
+    products: ``(acc, a, b, transpose_b)`` tuples; ``acc`` is a float32 accumulator value to
+      add to, or a shape for a fresh one; ``a`` and ``b`` as ``matmul``.
+
+  Returns:
+    The accumulators, in the order of ``products``.
+  """
+  def fresh(acc):
+    return isinstance(acc, tuple)
+
+  if interpret:
+    return tuple(
+        (0 if fresh(acc) else acc)
+        + matmul(a, b, acc if fresh(acc) else acc.shape, interpret=True, transpose_b=t)
+        for acc, a, b, t in products)
+
+  def body(acc_refs):
+    for acc_ref, (_, a, b, t) in zip(acc_refs, products):
+      plgpu.wgmma(acc_ref, a, _operand(b, t))
+
+  inits = tuple(plgpu.ACC.init(zeros(acc) if fresh(acc) else acc) for acc, *_ in products)
+  return pl.run_state(body)(inits)
+
+
 def matmul_acc(acc, a, b, *, interpret, transpose_b=False):
   """``acc + a @ b`` for a float32 accumulator value (accumulated in place on the GPU)."""
   if interpret:
@@ -142,6 +169,20 @@ def zeros(shape, layout=WGMMA):
 
 def full(shape, value, layout):
   return plgpu.layout_cast(jnp.full(shape, value, jnp.float32), layout)
+
+
+def split_registers(memory: bool, compute_wgs: int):
+  """Moves registers from the memory warpgroup to the compute warpgroups (two of them).
+
+  Three warpgroups share 64K registers, 168 per thread by default; the compute warpgroups'
+  accumulators need more (232 each, leaving 40 to the memory warpgroup). With one compute
+  warpgroup each thread may use 255 already.
+  """
+  if compute_wgs == 2:
+    if memory:
+      plgpu.set_max_registers(40, action="decrease")
+    else:
+      plgpu.set_max_registers(232, action="increase")
 
 
 def compiler_params(interpret):

@@ -77,15 +77,13 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
 
     @pl.when(wg == nw)
     def _memory():
-      if ping_pong:
-        plgpu.set_max_registers(40, action="decrease")
+      common.split_registers(True, nw)
       common.stream_keys(cta, prob, tiles, (k_ref, v_ref, kmeta_ref), (xk_ref, xv_ref, xmeta_ref),
                          (k_smem, v_smem, meta_smem), (k_bar, v_bar), (k_free, v_free))
 
     @pl.when(wg < nw)
     def _compute():
-      if ping_pong:
-        plgpu.set_max_registers(232, action="increase")
+      common.split_registers(False, nw)
       rows_here = pl.ds(tile * cta_rows + wg * rows, rows)
       q_tile = q_smem.at[wg]
       plgpu.copy_gmem_to_smem(prob.rows_of(q_ref, batch, head, rows_here), q_tile, q_bar.at[wg])
