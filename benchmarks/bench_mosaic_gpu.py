@@ -1,7 +1,8 @@
 r"""hyper_attention against fast exact attention on one accelerator.
 
 For every length, causal setting and pass (forward; forward+backward) the script prints the
-median wall time of each implementation, the speedup of hyper_attention over exact
+median time per call of each implementation (calls queued back to back, ``--queued`` per
+sample; single synchronised calls are timed too), the speedup of hyper_attention over exact
 attention, and the relative error ``||o - o_exact|| / ||o_exact||`` of hyper_attention's
 output. It writes a JSON file, a markdown table and a PNG plot of time against length.
 
@@ -66,7 +67,12 @@ def exact_attention_fn(causal):
   return functools.partial(ha.exact_attention, is_causal=causal)
 _PASSES = flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "Passes to time.")
 _CAUSAL = flags.DEFINE_list("causal", ["false", "true"], "Causal settings.")
-_REPS = flags.DEFINE_integer("reps", 10, "Timed repetitions (fewer for slow points).")
+_REPS = flags.DEFINE_integer("reps", 10, "Timed samples (fewer for slow points).")
+_QUEUED = flags.DEFINE_integer(
+    "queued", 4, "Calls dispatched back to back per timing sample: the time per call of a "
+    "stream of calls, as a training loop makes them (column 'ms'). Every point is also "
+    "timed as single synchronised calls, host dispatch and synchronisation included "
+    "(column 'sync ms').")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 6.0, "Time budget per measured point.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "Directory for results.json, table.md, plot.png.")
 _PROFILE = flags.DEFINE_integer(
@@ -139,12 +145,14 @@ def measure_point(n, causal, results):
           jax.block_until_ready(fn(q, k, v, d_out))
           args = (q, k, v, d_out)
         first = time.perf_counter() - t0
-        ms = median_ms(fn, *args, reps=_REPS.value, warmup=1, max_seconds=_MAX_SECONDS.value)
+        ms, sync_ms = (median_ms(fn, *args, reps=_REPS.value, warmup=1,
+                                 max_seconds=_MAX_SECONDS.value, queued=queued)
+                       for queued in (_QUEUED.value, 1))
       except Exception as e:  # pylint: disable=broad-except
         print(f"{label} ERROR {type(e).__name__}: {str(e)[:1500]}", flush=True)
         continue
-      row = dict(n=n, causal=causal, pass_name=pass_name, impl=impl, ms=ms,
-                 first_call_s=first)
+      row = dict(n=n, causal=causal, pass_name=pass_name, impl=impl, ms=ms, sync_ms=sync_ms,
+                 queued=_QUEUED.value, first_call_s=first)
       if pass_name == "fwd" and impl not in EXACT and exact_out is not None:
         row["rel_error_vs_exact"] = relative_error(out, exact_out)
       if _PROFILE.value and impl not in EXACT:
@@ -158,23 +166,36 @@ def measure_point(n, causal, results):
                          kv_heads=_KV_HEADS.value or _HEADS.value, results=results), f,
                     indent=1)
       err = f" rel.err {row['rel_error_vs_exact']:.3f}" if "rel_error_vs_exact" in row else ""
-      print(f"{label} {ms:10.3f} ms  (first call {first:5.1f} s){err}", flush=True)
+      print(f"{label} {ms:10.3f} ms  (synchronised {sync_ms:9.3f} ms; first call {first:5.1f} s)"
+            f"{err}", flush=True)
 
 
 def table(results):
-  """Markdown table: one row per (n, causal, pass); times, speedups and errors per impl."""
+  """Markdown table: one row per (n, causal, pass); times, speedups and errors per impl.
+
+  Speedups use the queued time per call ('ms'); where the rows have them, the speedups of
+  single synchronised calls ('sync ms') follow.
+  """
   impls = [i for i in dict.fromkeys(r["impl"] for r in results) if i not in EXACT]
   lookup = {(r["n"], r["causal"], r["pass_name"], r["impl"]): r for r in results}
+  with_sync = any("sync_ms" in r for r in results)
   header = (["n", "causal", "pass", "exact ms"] + [f"{i} ms" for i in impls]
-            + [f"{i} speedup" for i in impls] + [f"{i} rel. error" for i in impls])
+            + [f"{i} speedup" for i in impls]
+            + ([f"{i} sync speedup" for i in impls] if with_sync else [])
+            + [f"{i} rel. error" for i in impls])
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+  def speedup(base, row, key):
+    return f"{base[key] / row[key]:.1f}x" if base and row and key in base and key in row else "-"
+
   for n, causal, pass_name in sorted({(r["n"], r["causal"], r["pass_name"]) for r in results}):
     get = lambda impl, n=n, c=causal, p=pass_name: lookup.get((n, c, p, impl))
     baseline = get("exact") or get("cudnn")
     cells = [str(n), str(causal), pass_name, f"{baseline['ms']:.2f}" if baseline else "-"]
     cells += [f"{get(i)['ms']:.2f}" if get(i) else "-" for i in impls]
-    cells += [f"{baseline['ms'] / get(i)['ms']:.1f}x" if get(i) and baseline else "-"
-              for i in impls]
+    cells += [speedup(baseline, get(i), "ms") for i in impls]
+    if with_sync:
+      cells += [speedup(baseline, get(i), "sync_ms") for i in impls]
     cells += [f"{get(i)['rel_error_vs_exact']:.3f}"
               if get(i) and "rel_error_vs_exact" in get(i) else "-" for i in impls]
     lines.append("| " + " | ".join(cells) + " |")
@@ -196,7 +217,7 @@ def plot(results, path, device):
         ax.loglog([r["n"] for r in rows], [r["ms"] for r in rows], "o-", label=label)
     ax.set_title(f"{'causal' if causal else 'non-causal'} {pass_name.replace('_', '+')}")
     ax.set_xlabel("sequence length")
-    ax.set_ylabel("median time (ms)")
+    ax.set_ylabel("median time per call (ms)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
   fig.suptitle(f"B={_BATCH.value}, {_HEADS.value} heads, head_dim {_HEAD_DIM.value}, bf16, "

@@ -10,11 +10,15 @@ import time
 import jax
 
 
-def median_ms(fn, *args, reps: int = 10, warmup: int = 2, max_seconds: float = 20.0):
+def median_ms(fn, *args, reps: int = 10, warmup: int = 2, max_seconds: float = 20.0,
+              queued: int = 1):
   """Median wall time of ``fn(*args)`` in milliseconds, after ``warmup`` calls.
 
-  Every call is synchronised (``block_until_ready``); fewer than ``reps`` calls are made
-  when they would take longer than ``max_seconds`` together.
+  Each sample dispatches ``queued`` calls back to back and waits for the last
+  (``block_until_ready``), divided by ``queued``: with 1 it is the latency of one
+  synchronised call, host dispatch and synchronisation included; with more it is the
+  time per call of a stream of calls, as a training loop runs them. Fewer than ``reps``
+  samples are taken when they would take longer than ``max_seconds`` together.
   """
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
@@ -22,8 +26,10 @@ def median_ms(fn, *args, reps: int = 10, warmup: int = 2, max_seconds: float = 2
   start = time.perf_counter()
   while len(times) < reps:
     t0 = time.perf_counter()
+    for _ in range(queued - 1):
+      fn(*args)
     jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
+    times.append((time.perf_counter() - t0) * 1e3 / queued)
     if time.perf_counter() - start > max_seconds and len(times) >= 3:
       break
   return statistics.median(times)
