@@ -83,20 +83,17 @@ def local_attention(query, key, value, q_pos, k_pos, *, block_size: int, causal:
 
 
 @jax.named_scope("exact_local")
-def sink_attention(query, key, value, k_pos, *, sink_size: int, scale, first_row: int = 0):
+def sink_attention(query, key, value, k_pos, *, sink_size: int, scale):
   """Exact attention over the first ``sink_size`` keys, in the sequence-major layout.
 
-  Without a window, ``E(p)`` is the same few sink keys for every query, so this dense
-  form (one pass over the queries) replaces the blocked layout: for a non-causal piece,
-  and for the causal leaves after the first (whose rows all come after the sinks).
+  Without a window, ``E(p)`` of a non-causal piece is the same few sink keys for every
+  query, so this dense form (one pass over the queries) replaces the blocked layout.
 
   Args:
     query: ``[B, nq, Hq, dk]``; key: ``[B, nk, Hk, dk]``; value: ``[B, nk, Hk, dv]``.
     k_pos: ``[B, Hk, nk]`` key positions (negative marks padding).
     sink_size: the sink keys.
     scale: logit scale.
-    first_row: rows before it see no key here (``o = 0``, ``lse = -inf``): they count
-      the sinks elsewhere.
 
   Returns:
     ``o [B, nq, Hq, dv]`` float32 and ``lse [B, nq, Hq]`` float32.
@@ -108,10 +105,7 @@ def sink_attention(query, key, value, k_pos, *, sink_size: int, scale, first_row
   grouped = query.reshape(batch, q_len, kv_heads, q_heads // kv_heads, dk)
   logits = scale * jnp.einsum("bnhgd,bshd->bnhgs", grouped, key[:, :sinks], precision=hi,
                               preferred_element_type=jnp.float32)
-  valid = k_pos[:, None, :, None, :sinks] >= 0
-  if first_row:
-    valid = valid & (jnp.arange(q_len) >= first_row)[None, :, None, None, None]
-  probs, lse = core.masked_softmax(logits, valid)
+  probs, lse = core.masked_softmax(logits, k_pos[:, None, :, None, :sinks] >= 0)
   # A sum over the few sinks written elementwise rather than as a dot: XLA fuses it into the
   # merge that consumes it, so this float32 output is never stored.
   sink_values = value[:, :sinks].astype(jnp.float32)

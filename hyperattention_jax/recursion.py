@@ -98,19 +98,12 @@ def causal_attention(query, key, value, q_pos, k_pos, q_is_padding, *, sample_rn
   q_pos = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (batch, query.shape[2], padded))
   k_pos = pad_axis(k_pos, padded, 2, value=-1)
 
-  # The leaves: rows in original order, padded to whole leaves. Without a window, the
-  # sinks of the rows after the first leaf are one dense pass (each leaf would otherwise
-  # spend a whole key tile of the kernels on a few keys).
-  dense_sinks = config.window_size == 0 and 0 < config.sink_size <= leaf
+  # The leaves: rows in original order, padded to whole leaves.
   out, lse = local_attention(*(pad_axis(x, padded, 1) for x in (query, key, value)), q_pos,
-                             k_pos, block_size=leaf, causal=True,
-                             sink_size=0 if dense_sinks else config.sink_size,
+                             k_pos, block_size=leaf, causal=True, sink_size=config.sink_size,
                              window_size=config.window_size, scale=scale,
                              block_attention=block_attention)
   pieces = [(out[:, :seq_len], _heads_last(lse)[:, :seq_len])]
-  if dense_sinks and depth:
-    pieces.append(sink_attention(query, key, value, k_pos[:, :, :seq_len],
-                                 sink_size=config.sink_size, scale=scale, first_row=leaf))
   # Every row is hashed once; each level sorts the keys of its rectangles' rows.
   r = projections.shape[-1]
   padding_key = np.asarray(lsh.padding_key(r), lsh.key_dtype(r))

@@ -103,7 +103,7 @@ class ExactnessTest(parameterized.TestCase):
 
 class StatisticsTest(parameterized.TestCase):
 
-  # (True, (2, 0)): the causal sinks outside the first leaf are one dense pass.
+  # (True, (2, 0)): causal sinks without a window.
   @parameterized.parameters((False, (0, 0)), (False, (2, 5)), (True, (2, 5)), (True, (2, 0)))
   def test_row_sums_are_unbiased(self, causal, local):
     # E[exp(lse)] is the exact row sum: average the ratio over many independent draws.
