@@ -108,6 +108,7 @@ def tune(name, rows):
     for pass_name in passes:
       fn, want, pass_flops = ((forward, want_out, flops) if pass_name == "fwd"
                               else (grad, want_grads, 3.5 * flops))
+      print(f"  {label:28s} {pass_name:7s} compiling and checking...", end="\r", flush=True)
       try:
         got = jax.block_until_ready(fn(diff))
         ms = median_ms(fn, diff, reps=_REPS.value, warmup=1, max_seconds=_MAX_SECONDS.value)
