@@ -186,7 +186,10 @@ def table(results):
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
   def speedup(base, row, key):
-    return f"{base[key] / row[key]:.1f}x" if base and row and key in base and key in row else "-"
+    if not (base and row and key in base and key in row):
+      return "-"
+    ratio = base[key] / row[key]
+    return f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.1f}x"  # 2.998x must not read 3.0x
 
   for n, causal, pass_name in sorted({(r["n"], r["causal"], r["pass_name"]) for r in results}):
     get = lambda impl, n=n, c=causal, p=pass_name: lookup.get((n, c, p, impl))
