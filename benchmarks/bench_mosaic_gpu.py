@@ -15,6 +15,7 @@ choice of implementation, so the script runs unchanged on a GPU or a TPU.
 
 import functools
 import json
+import math
 import os
 import time
 
@@ -173,8 +174,8 @@ def measure_point(n, causal, results):
 def table(results):
   """Markdown table: one row per (n, causal, pass); times, speedups and errors per impl.
 
-  Speedups use the queued time per call ('ms'); where the rows have them, the speedups of
-  single synchronised calls ('sync ms') follow.
+  Speedups use the queued time per call ('ms'), rounded down (two decimals below 10x);
+  where the rows have them, the speedups of single synchronised calls ('sync ms') follow.
   """
   impls = [i for i in dict.fromkeys(r["impl"] for r in results) if i not in EXACT]
   lookup = {(r["n"], r["causal"], r["pass_name"], r["impl"]): r for r in results}
@@ -188,8 +189,9 @@ def table(results):
   def speedup(base, row, key):
     if not (base and row and key in base and key in row):
       return "-"
-    ratio = base[key] / row[key]
-    return f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.1f}x"  # 2.998x must not read 3.0x
+    ratio = base[key] / row[key]  # rounded down, so 2.998x does not read as 3.0x
+    return (f"{math.floor(ratio * 100) / 100:.2f}x" if ratio < 10
+            else f"{math.floor(ratio * 10) / 10:.1f}x")
 
   for n, causal, pass_name in sorted({(r["n"], r["causal"], r["pass_name"]) for r in results}):
     get = lambda impl, n=n, c=causal, p=pass_name: lookup.get((n, c, p, impl))
