@@ -62,11 +62,6 @@ def sort_permutation(keys):
     return perm
 
 
-def gather_rows(x, perm):
-  """``x[..., perm, :]`` for ``x [..., n, d]`` and ``perm [..., n']`` (leading axes broadcast)."""
-  return jnp.take_along_axis(x, perm[..., None], axis=-2, mode="clip")
-
-
 def gather(x, perm):
   """``x[..., perm]`` for ``x [..., n]`` and ``perm [..., n']``."""
   return jnp.take_along_axis(x, perm, axis=-1, mode="clip")

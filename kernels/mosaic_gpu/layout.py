@@ -151,12 +151,10 @@ def describe(q, k, v, extra_pos, *, spec: core.BlockSpec, q_multiple: int, k_mul
   Raises:
     NotImplementedError: for calls outside the kernels (dtype, head dim, shapes).
   """
-  if spec.sequence_major:
-    batch, q_len, q_heads, dk = q.shape
-    k_len, kv_heads, dv = v.shape[1], v.shape[2], v.shape[3]
-  else:
-    batch, q_heads, q_len, dk = q.shape
-    kv_heads, k_len, dv = v.shape[1], v.shape[2], v.shape[3]
+  rows, heads = (1, 2) if spec.sequence_major else (2, 1)   # axes of q, k, v
+  batch, dk, dv = q.shape[0], q.shape[3], v.shape[3]
+  q_len, q_heads = q.shape[rows], q.shape[heads]
+  k_len, kv_heads = v.shape[rows], v.shape[heads]
   dtype = jnp.dtype(q.dtype)
   if dtype not in SUPPORTED_DTYPES or k.dtype != dtype or v.dtype != dtype:
     raise unsupported(f"dtypes {q.dtype}, {k.dtype}, {v.dtype}; needs bfloat16 or float16.")
