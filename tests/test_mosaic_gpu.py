@@ -9,6 +9,7 @@ bulk-copy checks), which needs no GPU. ``benchmarks/check_mosaic_gpu.py`` repeat
 comparisons at real shapes on a Hopper GPU.
 """
 
+import dataclasses
 import functools
 import zlib
 
@@ -166,6 +167,41 @@ class MosaicGpuKernelTest(parameterized.TestCase):
       with self.subTest(name):
         chex.assert_trees_all_close(*_relative(grads[name], ref_grads[name]), atol=4e-2, rtol=0)
 
+  @parameterized.named_parameters(
+      # An LSH piece whose 256-row blocks are two query tiles: a CTA runs both.
+      dict(testcase_name="lsh_piece_two_tiles", tiles_per_cta=2, block=256, num_extra=70,
+           per_block=False, causal=False, dtype=jnp.bfloat16, sequence_major=False,
+           spec=dict(diagonal_keys=core.NONLOCAL, extra_keys=core.NONLOCAL, sink_size=3)),
+      # A causal leaf of three query tiles run by one CTA (its query buffers reused while
+      # the first tile's output may still be stored), sequence-major, float16.
+      dict(testcase_name="causal_leaf_three_tiles", tiles_per_cta=3, block=384, num_extra=20,
+           per_block=True, causal=True, dtype=jnp.float16, sequence_major=True,
+           spec=dict(causal=True, extra_keys=core.LOCAL, sink_size=2, window_size=12)),
+  )
+  def test_forward_tiles_per_cta(self, *, tiles_per_cta, block, num_extra, per_block, causal,
+                                 dtype, sequence_major, spec):
+    """Forward CTAs that run several query tiles one after another."""
+    seed = _seed(self._testMethodName)
+    inputs = random_inputs(seed, batch=1, q_heads=2, kv_heads=1, num_blocks=2, block_q=block,
+                           block_k=block, dk=64, dv=64, num_extra=num_extra,
+                           per_block=per_block, dtype=dtype, causal=causal,
+                           sequence_major=sequence_major)
+    spec = core.BlockSpec(block_q=block, block_k=block, sequence_major=sequence_major, **spec)
+    default = mosaic_gpu.default_tiles(64, 64)
+    tiles = default._replace(forward=mosaic_gpu.Tiles(128, tiles_per_cta=tiles_per_cta))
+    self.assertEqual(tiles.forward.span(block // 128), tiles_per_cta)
+    got = mosaic_gpu.block_attention(**inputs, spec=spec, scale=0.125, tiles=tiles,
+                                     interpret=plgpu.InterpretGPUParams())
+    want = core.block_attention(**inputs, spec=spec, scale=0.125)
+    chex.assert_trees_all_equal(jnp.isfinite(got[1]), jnp.isfinite(want[1]))
+    chex.assert_trees_all_close(got, want, atol=2e-2, rtol=2e-2)
+
+  def test_forward_span(self):
+    tiles = mosaic_gpu.Tiles(128, tiles_per_cta=4)
+    self.assertEqual([tiles.span(n) for n in (1, 2, 3, 4, 6, 8, 32)], [1, 2, 3, 4, 3, 4, 4])
+    with self.assertRaisesRegex(ValueError, "tiles_per_cta=0"):
+      mosaic_gpu.Tiles(128, tiles_per_cta=0)
+
   def test_forward_without_extras(self):
     """A call with no extra keys at all (an LSH piece that is a single block)."""
     seed = _seed(self._testMethodName)
@@ -196,9 +232,17 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
       dict(testcase_name="leaf_bf16_d128_sequence_major", dtype=jnp.bfloat16, head_dim=128,
            block=256, num_blocks=2, num_extra=4, per_block=True, causal=True, window_size=0,
            sequence_major=True),
+      # Forward CTAs that run two query tiles each (an LSH piece, and causal leaves).
+      dict(testcase_name="lsh_bf16_d128_two_tiles", dtype=jnp.bfloat16, head_dim=128,
+           block=256, num_blocks=2, num_extra=256, per_block=False, causal=False,
+           window_size=0, tiles_per_cta=2),
+      dict(testcase_name="leaf_bf16_d128_two_tiles", dtype=jnp.bfloat16, head_dim=128,
+           block=512, num_blocks=2, num_extra=4, per_block=True, causal=True, window_size=0,
+           sequence_major=True, tiles_per_cta=2),
   )
   def test_lowers_for_hopper(self, *, dtype, head_dim, block, num_blocks, num_extra,
-                             per_block, causal, window_size, sequence_major=False):
+                             per_block, causal, window_size, sequence_major=False,
+                             tiles_per_cta=1):
     """Forward and backward lower through Mosaic GPU for sm_90 (no GPU needed)."""
     inputs = random_inputs(_seed(self._testMethodName), batch=1, q_heads=4, kv_heads=2,
                            num_blocks=num_blocks, block_q=block, block_k=block, dk=head_dim,
@@ -210,8 +254,12 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
                           window_size=window_size, sequence_major=sequence_major)
     fixed = {name: x for name, x in inputs.items() if name not in _DIFFERENTIABLE}
 
+    default = mosaic_gpu.default_tiles(head_dim, head_dim)
+    tiles = default._replace(forward=dataclasses.replace(default.forward,
+                                                         tiles_per_cta=tiles_per_cta))
+
     def loss(diff, scale):
-      out, lse = mosaic_gpu.block_attention(**diff, **fixed, spec=spec, scale=scale)
+      out, lse = mosaic_gpu.block_attention(**diff, **fixed, spec=spec, scale=scale, tiles=tiles)
       return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
     diff = {name: inputs[name] for name in _DIFFERENTIABLE}

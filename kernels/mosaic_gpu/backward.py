@@ -78,8 +78,9 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
     @pl.when(wg == nw)
     def _memory():
       common.split_registers(True, nw)
-      common.stream_keys(cta, prob, tiles, (k_ref, v_ref, kmeta_ref), (xk_ref, xv_ref, xmeta_ref),
-                         (k_smem, v_smem, meta_smem), (k_bar, v_bar), (k_free, v_free))
+      common.stream_keys([cta], [0, cta.num_steps], prob, tiles, (k_ref, v_ref, kmeta_ref),
+                         (xk_ref, xv_ref, xmeta_ref), (k_smem, v_smem, meta_smem), (k_bar, v_bar),
+                         (k_free, v_free))
 
     @pl.when(wg < nw)
     def _compute():

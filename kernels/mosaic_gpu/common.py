@@ -35,12 +35,17 @@ class Tiles:
     query_tile: query rows per pipeline step of the dk/dv kernel.
     num_stages: pipeline depth (buffers per streamed operand).
     compute_wgs: compute warpgroups per CTA (each owns ``ROWS_PER_WG`` rows or keys).
+    tiles_per_cta: query tiles (of ``rows_per_cta`` rows) that a forward CTA runs one after
+      another, its key stream running on from one to the next, so that the next tile's
+      queries load and the previous tile's output is stored while the tensor cores work
+      (the forward kernel only; fewer where they would cross a block).
   """
 
   key_tile: int
   query_tile: int = 64
   num_stages: int = 2
   compute_wgs: int = 2
+  tiles_per_cta: int = 1
 
   def __post_init__(self):
     for name in ("key_tile", "query_tile"):
@@ -51,10 +56,17 @@ class Tiles:
       raise ValueError(f"num_stages={self.num_stages} must be at least 2.")
     if self.compute_wgs not in (1, 2):
       raise ValueError(f"compute_wgs={self.compute_wgs} must be 1 or 2.")
+    if self.tiles_per_cta < 1:
+      raise ValueError(f"tiles_per_cta={self.tiles_per_cta} must be at least 1.")
 
   @property
   def rows_per_cta(self) -> int:
     return self.compute_wgs * ROWS_PER_WG
+
+  def span(self, tiles_per_block: int) -> int:
+    """Query tiles per CTA: the largest divisor of ``tiles_per_block`` up to ``tiles_per_cta``."""
+    return max(t for t in range(1, min(self.tiles_per_cta, tiles_per_block) + 1)
+               if tiles_per_block % t == 0)
 
 
 def forward_tiles(dk: int, dv: int) -> Tiles:
@@ -271,14 +283,16 @@ class QueryCta(NamedTuple):
   num_steps: Any
 
 
-def query_cta(prob: Problem, tiles: Tiles, dlive_ref, xlive_ref) -> QueryCta:
-  """The running CTA's ``QueryCta``, from the grid and the live-key counts in GMEM.
+def query_cta(prob: Problem, tiles: Tiles, dlive_ref, xlive_ref, tile=None) -> QueryCta:
+  """The ``QueryCta`` of a query tile, from the grid and the live-key counts in GMEM.
 
   Args:
     dlive_ref, xlive_ref: the ``diag_live`` and ``extra_live`` operands (``layout.Operands``).
+    tile: the query tile (of ``tiles.rows_per_cta`` rows); the grid's tile index if None.
   """
   ctas_per_block = prob.block_q // tiles.rows_per_cta
-  tile, head, batch = axis("tile"), axis("head"), axis("batch")
+  head, batch = axis("head"), axis("batch")
+  tile = axis("tile") if tile is None else tile
   wg = axis("wg")
   block = tile // ctas_per_block
   first_row = (tile % ctas_per_block) * tiles.rows_per_cta
@@ -342,17 +356,20 @@ def produce(fetch, free, *, num_steps, stages: int):
       plgpu.barrier_wait(free[which].at[slot])
 
 
-def stream_keys(cta: QueryCta, prob: Problem, tiles: Tiles, key_refs, extra_refs, buffers,
+def stream_keys(ctas, starts, prob: Problem, tiles: Tiles, key_refs, extra_refs, buffers,
                 ready, free):
   """The memory warpgroup of a key-streaming kernel (forward, dq).
 
-  Step ``i < num_diagonal`` brings diagonal key tile ``i`` of the CTA's block (k, v and
-  meta rows from ``key_refs``); later steps bring extra key tiles of its set. k and its
-  meta arrive on ``ready[0]``, v on ``ready[1]``; a slot is reused once its ``free``
-  barriers (k, v) say every compute warpgroup is done with it.
+  The key streams of the query tiles ``ctas`` run one after another through one ring:
+  tile ``t`` has steps ``[starts[t], starts[t + 1])``. Its step ``i < num_diagonal`` brings
+  diagonal key tile ``i`` of the tile's block (k, v and meta rows from ``key_refs``); later
+  steps bring extra key tiles of its set. k and its meta arrive on ``ready[0]``, v on
+  ``ready[1]``; a slot is reused once its ``free`` barriers (k, v) say every compute
+  warpgroup is done with it.
 
   Args:
-    cta: the CTA (``query_cta``).
+    ctas: the query tiles (``query_cta``), all of one head and batch row.
+    starts: ``len(ctas) + 1`` step offsets (``starts[0] == 0``).
     prob, tiles: the call and the kernel's tiles.
     key_refs: ``(k [B, Hk, Nk, dk], v [B, Hk, Nk, dv], meta [B, Hk, R, Nk])`` in GMEM (k
       and v sequence-major with ``spec.sequence_major``).
@@ -362,12 +379,13 @@ def stream_keys(cta: QueryCta, prob: Problem, tiles: Tiles, key_refs, extra_refs
     ready, free: ``(k, v)`` barrier arrays of ``num_stages`` barriers each.
   """
   k_smem, v_smem, meta_smem = buffers
-  batch, kv_head, num_diagonal = cta.batch, cta.kv_head, cta.num_diagonal
-  first_key = cta.block * prob.block_k
   key_tile = tiles.key_tile
   has_extra = bool(prob.num_extra // key_tile)
 
-  def fetch(step, slot, which):
+  def fetch_of(cta, step, slot, which):
+    batch, kv_head, num_diagonal = cta.batch, cta.kv_head, cta.num_diagonal
+    first_key = cta.block * prob.block_k
+
     @pl.when(step < num_diagonal)
     def _diagonal():
       keys = pl.ds(first_key + step * key_tile, key_tile)
@@ -389,4 +407,12 @@ def stream_keys(cta: QueryCta, prob: Problem, tiles: Tiles, key_refs, extra_refs
         plgpu.copy_gmem_to_smem(extra_refs[2].at[batch, kv_head, cta.set_idx, :, keys],
                                 meta_smem.at[slot], ready[0].at[slot])
 
-  produce(fetch, free, num_steps=cta.num_steps, stages=tiles.num_stages)
+  def fetch(step, slot, which):
+    if len(ctas) == 1:
+      fetch_of(ctas[0], step, slot, which)
+      return
+    for t, cta in enumerate(ctas):
+      pl.when((step >= starts[t]) & (step < starts[t + 1]))(
+          lambda cta=cta, t=t: fetch_of(cta, step - starts[t], slot, which))
+
+  produce(fetch, free, num_steps=starts[-1], stages=tiles.num_stages)

@@ -30,14 +30,15 @@ from hyperattention_jax.kernels.mosaic_gpu.layout import BIAS, ROWS_PER_WG, Oper
 LN2 = math.log(2.0)
 
 
-def smem_bytes(prob: Problem, tiles: common.Tiles) -> int:
+def smem_bytes(prob: Problem, tiles: common.Tiles, buffers: int = 1) -> int:
+  """Shared memory of the forward kernel with ``buffers`` query (and output) buffers."""
   item = prob.dtype.itemsize
   nw, s, tk = tiles.compute_wgs, tiles.num_stages, tiles.key_tile
-  total = nw * ROWS_PER_WG * prob.dk * item                    # q
+  total = buffers * nw * ROWS_PER_WG * prob.dk * item          # q
   if prob.dk != prob.dv:
-    total += nw * ROWS_PER_WG * prob.dv * item                 # o
+    total += buffers * nw * ROWS_PER_WG * prob.dv * item       # o
   total += s * tk * (prob.dk + prob.dv) * item                 # k, v ring
-  total += s * prob.meta_rows * tk * 4 + nw * ROWS_PER_WG * 4 * 3
+  total += s * prob.meta_rows * tk * 4 + buffers * nw * ROWS_PER_WG * 4 * 3
   return total
 
 
@@ -54,10 +55,12 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
     ``o [B, Hq, Nq, dv]`` (``[B, Nq, Hq, dv]`` sequence-major) in the input dtype and
     ``lse [B, Hq, Nq]`` float32 (natural log).
   """
-  common.check_smem(smem_bytes(prob, tiles), "the forward kernel")
-  nw, rows, tk, stages = tiles.compute_wgs, ROWS_PER_WG, tiles.key_tile, tiles.num_stages
   cta_rows = tiles.rows_per_cta
   ctas_per_block = prob.block_q // cta_rows
+  span = tiles.span(ctas_per_block)     # query tiles per CTA
+  nbuf = min(span, 2)                   # query/output buffers: the next tile's load overlaps
+  common.check_smem(smem_bytes(prob, tiles, nbuf), "the forward kernel")
+  nw, rows, tk, stages = tiles.compute_wgs, ROWS_PER_WG, tiles.key_tile, tiles.num_stages
   spec = prob.spec
   dtype = prob.dtype
   f32 = jnp.float32
@@ -68,8 +71,12 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
              dlive_ref, xlive_ref, o_ref, lse_ref, buffers, barriers):
     q_smem, o_smem, k_smem, v_smem, meta_smem, qpos_smem, coef_smem, lse_smem = buffers
     q_bar, k_bar, v_bar, k_free, v_free, turn = barriers
-    cta = common.query_cta(prob, tiles, dlive_ref, xlive_ref)
-    tile, head, batch, wg, block = cta.tile, cta.head, cta.batch, cta.wg, cta.block
+    ctas = [common.query_cta(prob, tiles, dlive_ref, xlive_ref,
+                             tile=common.axis("tile") * span + t) for t in range(span)]
+    starts = [0]
+    for cta in ctas:
+      starts.append(starts[-1] + cta.num_steps)
+    head, batch, wg = ctas[0].head, ctas[0].batch, ctas[0].wg
 
     def take_turn():  # the two compute warpgroups alternate softmax and tensor-core work
       plgpu.barrier_arrive(turn)
@@ -78,96 +85,115 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
     @pl.when(wg == nw)
     def _memory():
       common.split_registers(True, nw)
-      common.stream_keys(cta, prob, tiles, (k_ref, v_ref, kmeta_ref), (xk_ref, xv_ref, xmeta_ref),
-                         (k_smem, v_smem, meta_smem), (k_bar, v_bar), (k_free, v_free))
+      common.stream_keys(ctas, starts, prob, tiles, (k_ref, v_ref, kmeta_ref),
+                         (xk_ref, xv_ref, xmeta_ref), (k_smem, v_smem, meta_smem),
+                         (k_bar, v_bar), (k_free, v_free))
 
     @pl.when(wg < nw)
     def _compute():
       common.split_registers(False, nw)
-      rows_here = pl.ds(tile * cta_rows + wg * rows, rows)
-      q_tile = q_smem.at[wg]
-      plgpu.copy_gmem_to_smem(prob.rows_of(q_ref, batch, head, rows_here), q_tile, q_bar.at[wg])
-      plgpu.copy_gmem_to_smem(coef_ref.at[0, pl.ds(0, rows)], coef_smem.at[wg], q_bar.at[wg])
-      if needs_pos:
-        plgpu.copy_gmem_to_smem(qpos_ref.at[batch, head, rows_here], qpos_smem.at[wg],
-                                q_bar.at[wg])
-      plgpu.barrier_wait(q_bar.at[wg])
-      coef = plgpu.load(coef_smem.at[wg], layout=ROW)
-      q_pos = plgpu.load(qpos_smem.at[wg], layout=ROW) if needs_pos else None
-      shape = (rows, tk)
 
-      def step_fn(step, carry, *, extra, masked):
-        acc, run_max, run_sum = carry
-        slot = lax.rem(step, stages)
-        plgpu.barrier_wait(k_bar.at[slot])
+      def rows_of(t):
+        return pl.ds(ctas[t].tile * cta_rows + wg * rows, rows)
 
-        s = common.matmul(q_tile, k_smem.at[slot], shape, interpret=interpret, transpose_b=True,
-                          before_wait=take_turn if ping_pong else None)
-        meta = meta_smem.at[slot]
-        bias = plgpu.load(meta.at[BIAS], layout=COL)
-        if extra and prob.exclude_in_kernel:  # a shared sample in this block was counted already
-          key_block = plgpu.load(meta.at[prob.block_row], layout=COL)
-          bias = jnp.where(key_block == block.astype(f32), -jnp.inf, bias)
-        k_pos = plgpu.load(meta.at[prob.pos_row], layout=COL) if masked else None
-        plgpu.barrier_arrive(k_free.at[slot])
+      def load_queries(t):
+        buf, bar = t % nbuf, q_bar.at[(t % nbuf) * nw + wg]
+        plgpu.copy_gmem_to_smem(prob.rows_of(q_ref, batch, head, rows_of(t)), q_smem.at[buf, wg],
+                                bar)
+        plgpu.copy_gmem_to_smem(coef_ref.at[0, pl.ds(0, rows)], coef_smem.at[buf, wg], bar)
+        if needs_pos:
+          plgpu.copy_gmem_to_smem(qpos_ref.at[batch, head, rows_of(t)], qpos_smem.at[buf, wg],
+                                  bar)
 
-        s = s * row_vec(coef, shape) + col_vec(bias, shape)
-        if masked:
-          rule = spec.extra_keys if extra else spec.diagonal_keys
-          keep = common.query_key_mask(row_vec(q_pos, shape), col_vec(k_pos, shape), rule, spec)
-          s = jnp.where(keep, s, -jnp.inf)
-        new_max = jnp.maximum(run_max, s.max(axis=1))
-        alpha = jnp.exp2(run_max - new_max)
-        p = jnp.exp2(s - row_vec(new_max, shape))
-        run_sum = run_sum * alpha + p.sum(axis=1)
-        acc = acc * row_vec(alpha, acc.shape)
-        p = p.astype(dtype)
-        if ping_pong:
-          plgpu.barrier_arrive(turn)
-        plgpu.barrier_wait(v_bar.at[slot])
-        if ping_pong:
-          plgpu.barrier_wait(turn)
-        acc = common.matmul_acc(acc, p, v_smem.at[slot], interpret=interpret)
-        plgpu.barrier_arrive(v_free.at[slot])
-        return acc, new_max, run_sum
+      def run_tile(t):
+        """Tile ``t``: its key steps, then its output, stored while the next tile runs."""
+        cta, buf, offset = ctas[t], t % nbuf, starts[t]
+        q_tile = q_smem.at[buf, wg]
+        plgpu.barrier_wait(q_bar.at[buf * nw + wg])
+        coef = plgpu.load(coef_smem.at[buf, wg], layout=ROW)
+        q_pos = plgpu.load(qpos_smem.at[buf, wg], layout=ROW) if needs_pos else None
+        shape = (rows, tk)
 
-      carry = (common.zeros((rows, prob.dv)), common.full((rows,), NEG_BIG, ROW),
-               common.full((rows,), 0.0, ROW))
+        def step_fn(step, carry, *, extra, masked):
+          acc, run_max, run_sum = carry
+          slot = lax.rem(offset + step, stages)
+          plgpu.barrier_wait(k_bar.at[slot])
+
+          s = common.matmul(q_tile, k_smem.at[slot], shape, interpret=interpret,
+                            transpose_b=True, before_wait=take_turn if ping_pong else None)
+          meta = meta_smem.at[slot]
+          bias = plgpu.load(meta.at[BIAS], layout=COL)
+          if extra and prob.exclude_in_kernel:  # a shared sample in this block was counted
+            key_block = plgpu.load(meta.at[prob.block_row], layout=COL)
+            bias = jnp.where(key_block == cta.block.astype(f32), -jnp.inf, bias)
+          k_pos = plgpu.load(meta.at[prob.pos_row], layout=COL) if masked else None
+          plgpu.barrier_arrive(k_free.at[slot])
+
+          s = s * row_vec(coef, shape) + col_vec(bias, shape)
+          if masked:
+            rule = spec.extra_keys if extra else spec.diagonal_keys
+            keep = common.query_key_mask(row_vec(q_pos, shape), col_vec(k_pos, shape), rule,
+                                         spec)
+            s = jnp.where(keep, s, -jnp.inf)
+          new_max = jnp.maximum(run_max, s.max(axis=1))
+          alpha = jnp.exp2(run_max - new_max)
+          p = jnp.exp2(s - row_vec(new_max, shape))
+          run_sum = run_sum * alpha + p.sum(axis=1)
+          acc = acc * row_vec(alpha, acc.shape)
+          p = p.astype(dtype)
+          if ping_pong:
+            plgpu.barrier_arrive(turn)
+          plgpu.barrier_wait(v_bar.at[slot])
+          if ping_pong:
+            plgpu.barrier_wait(turn)
+          acc = common.matmul_acc(acc, p, v_smem.at[slot], interpret=interpret)
+          plgpu.barrier_arrive(v_free.at[slot])
+          return acc, new_max, run_sum
+
+        carry = (common.zeros((rows, prob.dv)), common.full((rows,), NEG_BIG, ROW),
+                 common.full((rows,), 0.0, ROW))
+        acc, run_max, run_sum = common.walk_key_steps(step_fn, carry, cta, prob, tiles)
+
+        nonempty = run_sum > 0
+        if spec.causal:  # a query without a position (padding) sees no key
+          nonempty = nonempty & (q_pos >= 0)
+        safe_sum = jnp.where(nonempty, run_sum, 1.0)
+        inv = jnp.where(nonempty, 1.0 / safe_sum, 0.0)
+        lse = jnp.where(nonempty, (run_max + jnp.log2(safe_sum)) * LN2, -jnp.inf)
+        out_tile = o_smem.at[buf, wg] if o_smem is not None else q_tile
+        out_tile[...] = (acc * row_vec(inv, acc.shape)).astype(dtype)
+        lse_smem.at[buf, wg][...] = lse
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_tile, prob.rows_of(o_ref, batch, head, rows_of(t)))
+        plgpu.copy_smem_to_gmem(lse_smem.at[buf, wg], lse_ref.at[batch, head, rows_of(t)])
+
+      load_queries(0)
       if ping_pong:
         pl.when(wg == 1)(take_turn)
-      carry = common.walk_key_steps(step_fn, carry, cta, prob, tiles)
+      for t in range(span):
+        if t + 1 < span:
+          if t + 1 >= nbuf:  # the buffer still holds tile t + 1 - nbuf's output, being stored
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          load_queries(t + 1)
+        run_tile(t)
       if ping_pong:
         pl.when(wg == 0)(take_turn)
-      acc, run_max, run_sum = carry
-
-      nonempty = run_sum > 0
-      if spec.causal:  # a query without a position (padding) sees no key
-        nonempty = nonempty & (q_pos >= 0)
-      safe_sum = jnp.where(nonempty, run_sum, 1.0)
-      inv = jnp.where(nonempty, 1.0 / safe_sum, 0.0)
-      lse = jnp.where(nonempty, (run_max + jnp.log2(safe_sum)) * LN2, -jnp.inf)
-      out_tile = o_smem.at[wg] if o_smem is not None else q_tile
-      out_tile[...] = (acc * row_vec(inv, acc.shape)).astype(dtype)
-      lse_smem.at[wg][...] = lse
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_tile, prob.rows_of(o_ref, batch, head, rows_here))
-      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows_here])
       plgpu.wait_smem_to_gmem(0)
 
   transforms = common.smem_transforms(dtype)
   buffers = (
-      plgpu.SMEM((nw, rows, prob.dk), dtype, transforms=transforms),
-      None if prob.dk == prob.dv else plgpu.SMEM((nw, rows, prob.dv), dtype,
+      plgpu.SMEM((nbuf, nw, rows, prob.dk), dtype, transforms=transforms),
+      None if prob.dk == prob.dv else plgpu.SMEM((nbuf, nw, rows, prob.dv), dtype,
                                                   transforms=transforms),
       plgpu.SMEM((stages, tk, prob.dk), dtype, transforms=transforms),
       plgpu.SMEM((stages, tk, prob.dv), dtype, transforms=transforms),
       plgpu.SMEM((stages, prob.meta_rows, tk), f32),
-      plgpu.SMEM((nw, rows), f32) if needs_pos else None,
-      plgpu.SMEM((nw, rows), f32),
-      plgpu.SMEM((nw, rows), f32),
+      plgpu.SMEM((nbuf, nw, rows), f32) if needs_pos else None,
+      plgpu.SMEM((nbuf, nw, rows), f32),
+      plgpu.SMEM((nbuf, nw, rows), f32),
   )
   barriers = (
-      plgpu.Barrier(num_arrivals=2 + needs_pos, num_barriers=nw),   # q, coef (, positions)
+      plgpu.Barrier(num_arrivals=2 + needs_pos, num_barriers=nbuf * nw),  # q, coef (, positions)
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),           # k and its meta
       plgpu.Barrier(num_barriers=stages),                           # v
       plgpu.Barrier(num_arrivals=nw, num_barriers=stages),          # k slot free
@@ -179,7 +205,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
               jax.ShapeDtypeStruct((prob.batch, prob.q_heads, prob.q_len), f32))
   return common.launch(
       kernel, buffers=buffers, barriers=barriers, out_type=out_type,
-      grid=(prob.num_blocks * ctas_per_block, prob.q_heads, prob.batch), compute_wgs=nw,
+      grid=(prob.num_blocks * ctas_per_block // span, prob.q_heads, prob.batch), compute_wgs=nw,
       interpret=interpret,
   )(ops["q"], ops["k"], ops["v"], ops["k_meta"], ops["extra_k"], ops["extra_v"],
     ops["extra_meta"], ops["q_pos"], ops["coef"], ops["diag_live"], ops["extra_live"])
