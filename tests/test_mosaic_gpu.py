@@ -232,7 +232,10 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
       dict(testcase_name="leaf_bf16_d128_sequence_major", dtype=jnp.bfloat16, head_dim=128,
            block=256, num_blocks=2, num_extra=4, per_block=True, causal=True, window_size=0,
            sequence_major=True),
-      # Forward CTAs that run two query tiles each (an LSH piece, and causal leaves).
+      # Forward CTAs that run one query tile each, or two (an LSH piece, causal leaves).
+      dict(testcase_name="lsh_bf16_d128_one_tile", dtype=jnp.bfloat16, head_dim=128,
+           block=256, num_blocks=2, num_extra=256, per_block=False, causal=False,
+           window_size=0, tiles_per_cta=1),
       dict(testcase_name="lsh_bf16_d128_two_tiles", dtype=jnp.bfloat16, head_dim=128,
            block=256, num_blocks=2, num_extra=256, per_block=False, causal=False,
            window_size=0, tiles_per_cta=2),
@@ -242,7 +245,7 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
   )
   def test_lowers_for_hopper(self, *, dtype, head_dim, block, num_blocks, num_extra,
                              per_block, causal, window_size, sequence_major=False,
-                             tiles_per_cta=1):
+                             tiles_per_cta=None):
     """Forward and backward lower through Mosaic GPU for sm_90 (no GPU needed)."""
     inputs = random_inputs(_seed(self._testMethodName), batch=1, q_heads=4, kv_heads=2,
                            num_blocks=num_blocks, block_q=block, block_k=block, dk=head_dim,
@@ -254,8 +257,9 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
                           window_size=window_size, sequence_major=sequence_major)
     fixed = {name: x for name, x in inputs.items() if name not in _DIFFERENTIABLE}
 
-    default = mosaic_gpu.default_tiles(head_dim, head_dim)
-    tiles = default._replace(forward=dataclasses.replace(default.forward,
+    tiles = mosaic_gpu.default_tiles(head_dim, head_dim)
+    if tiles_per_cta is not None:
+      tiles = tiles._replace(forward=dataclasses.replace(tiles.forward,
                                                          tiles_per_cta=tiles_per_cta))
 
     def loss(diff, scale):

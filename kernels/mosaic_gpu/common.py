@@ -70,8 +70,11 @@ class Tiles:
 
 
 def forward_tiles(dk: int, dv: int) -> Tiles:
-  """Tiles of the forward kernel: 128-key steps, 64-key steps for 256-wide heads (smem)."""
-  return Tiles(key_tile=64 if max(dk, dv) > 128 else 128)
+  """Tiles of the forward kernel: 128-key steps and two query tiles per CTA; 64-key steps
+  and one query tile per CTA for 256-wide heads (shared memory)."""
+  if max(dk, dv) > 128:
+    return Tiles(key_tile=64)
+  return Tiles(key_tile=128, tiles_per_cta=2)
 
 
 def dq_tiles(dk: int, dv: int) -> Tiles:
