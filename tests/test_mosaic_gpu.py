@@ -26,6 +26,7 @@ from hyperattention_jax import core
 from hyperattention_jax.kernels import REGISTRY
 from hyperattention_jax.kernels import mosaic_gpu
 from hyperattention_jax.kernels.testing import random_inputs
+from hyperattention_jax.kernels.mosaic_gpu import common
 from hyperattention_jax.kernels.mosaic_gpu import exact
 from hyperattention_jax.kernels.mosaic_gpu import layout
 
@@ -201,6 +202,18 @@ class MosaicGpuKernelTest(parameterized.TestCase):
     self.assertEqual([tiles.span(n) for n in (1, 2, 3, 4, 6, 8, 32)], [1, 2, 3, 4, 3, 4, 4])
     with self.assertRaisesRegex(ValueError, "tiles_per_cta=0"):
       mosaic_gpu.Tiles(128, tiles_per_cta=0)
+
+  def test_extra_step_keys(self):
+    """A few sink keys take a 64-key extra step; larger extra sets take whole key tiles."""
+    def width(num_extra, key_tile):
+      q = jnp.zeros((1, 1, 256, 64), jnp.bfloat16)
+      prob = layout.describe(q, q, q, jnp.zeros((1, 1, 1, num_extra)),
+                             spec=core.BlockSpec(block_q=256, block_k=256), q_multiple=128,
+                             k_multiple=128, extra_multiple=128)
+      return common.extra_step_keys(prob, mosaic_gpu.Tiles(key_tile))
+    self.assertEqual([width(n, 128) for n in (1, 4, 64, 65, 128, 256)],
+                     [64, 64, 64, 128, 128, 128])
+    self.assertEqual([width(n, 64) for n in (4, 256)], [64, 64])
 
   def test_forward_without_extras(self):
     """A call with no extra keys at all (an LSH piece that is a single block)."""

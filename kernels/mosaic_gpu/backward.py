@@ -100,17 +100,18 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
       q_pos = plgpu.load(qmeta.at[Q_POS], layout=ROW) if needs_pos else None
       coef = plgpu.load(coef_smem.at[wg, 0], layout=ROW)
       scale = plgpu.load(coef_smem.at[wg, 1], layout=ROW)
-      shape = (rows, tk)
 
       def step_fn(step, carry, *, extra, masked):
         dq_acc, dscale, dbias = carry
         slot = lax.rem(step, stages)
+        k_tile, v_tile, meta, width = common.key_slot(prob, tiles, (k_smem, v_smem, meta_smem),
+                                                      slot, extra=extra)
+        shape = (rows, width)
         plgpu.barrier_wait(k_bar.at[slot])
         plgpu.barrier_wait(v_bar.at[slot])
-        raw, dp = common.matmuls([(shape, q_tile, k_smem.at[slot], True),
-                                  (shape, do_tile, v_smem.at[slot], True)], interpret=interpret)
+        raw, dp = common.matmuls([(shape, q_tile, k_tile, True),
+                                  (shape, do_tile, v_tile, True)], interpret=interpret)
         plgpu.barrier_arrive(v_free.at[slot])
-        meta = meta_smem.at[slot]
         bias = plgpu.load(meta.at[BIAS], layout=COL)
         if extra and prob.exclude_in_kernel:
           key_block = plgpu.load(meta.at[prob.block_row], layout=COL)
@@ -126,7 +127,7 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
         dscale = dscale + (ds * raw).sum(axis=1)
         if extra:
           dbias = dbias + ds.sum(axis=1)
-        dq_acc = common.matmul_acc(dq_acc, ds.astype(dtype), k_smem.at[slot],
+        dq_acc = common.matmul_acc(dq_acc, ds.astype(dtype), k_tile,
                                    interpret=interpret)
         plgpu.barrier_arrive(k_free.at[slot])
         return dq_acc, dscale, dbias

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hyperattention_jax import core
-from hyperattention_jax.kernels.mosaic_gpu.layout import ROWS_PER_WG, Problem, unsupported
+from hyperattention_jax.kernels.mosaic_gpu.layout import ROWS_PER_WG, Problem, round_up, unsupported
 
 # A finite "minus infinity" for running maxima: a row that has seen no counted key keeps it,
 # so exp2(old_max - new_max) stays finite (1) instead of exp2(-inf + inf) = nan.
@@ -306,6 +306,30 @@ def query_cta(prob: Problem, tiles: Tiles, dlive_ref, xlive_ref, tile=None) -> Q
       xlive_ref[batch, kv_head, set_idx])
   return QueryCta(tile, head, batch, wg, block, first_row, kv_head, set_idx, num_unmasked,
                   num_diagonal, num_steps)
+
+
+def extra_step_keys(prob: Problem, tiles: Tiles) -> int:
+  """Keys that an extra-key step computes with: the key tile, or, when every extra set fits
+  in less (a few sink keys), that many rounded up to 64 (wgmma's reduction granule with the
+  128-byte swizzle): the products then skip the padding columns. The ring slot still holds
+  a whole key tile; such a set is a single step."""
+  width = round_up(max(prob.extra_keys, 1), 64)
+  return width if width < tiles.key_tile else tiles.key_tile
+
+
+def key_slot(prob: Problem, tiles: Tiles, buffers, slot, *, extra: bool):
+  """``(k, v, meta, width)``: the refs of ring ``slot`` that a key step reads, and its keys.
+
+  Args:
+    buffers: the rings ``k [S, tk, dk]``, ``v [S, tk, dv]``, ``meta [S, R, tk]``.
+    extra: whether the step is an extra-key step (``extra_step_keys`` of its keys count).
+  """
+  k_smem, v_smem, meta_smem = buffers
+  width = extra_step_keys(prob, tiles) if extra else tiles.key_tile
+  if width == tiles.key_tile:
+    return k_smem.at[slot], v_smem.at[slot], meta_smem.at[slot], width
+  keys = pl.ds(0, width)
+  return k_smem.at[slot, keys], v_smem.at[slot, keys], meta_smem.at[slot, :, keys], width
 
 
 def _loop(lower, upper, body, carry):

@@ -112,16 +112,17 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
         plgpu.barrier_wait(q_bar.at[buf * nw + wg])
         coef = plgpu.load(coef_smem.at[buf, wg], layout=ROW)
         q_pos = plgpu.load(qpos_smem.at[buf, wg], layout=ROW) if needs_pos else None
-        shape = (rows, tk)
 
         def step_fn(step, carry, *, extra, masked):
           acc, run_max, run_sum = carry
           slot = lax.rem(offset + step, stages)
+          k_tile, v_tile, meta, width = common.key_slot(prob, tiles, (k_smem, v_smem, meta_smem),
+                                                        slot, extra=extra)
+          shape = (rows, width)
           plgpu.barrier_wait(k_bar.at[slot])
 
-          s = common.matmul(q_tile, k_smem.at[slot], shape, interpret=interpret,
+          s = common.matmul(q_tile, k_tile, shape, interpret=interpret,
                             transpose_b=True, before_wait=take_turn if ping_pong else None)
-          meta = meta_smem.at[slot]
           bias = plgpu.load(meta.at[BIAS], layout=COL)
           if extra and prob.exclude_in_kernel:  # a shared sample in this block was counted
             key_block = plgpu.load(meta.at[prob.block_row], layout=COL)
@@ -146,7 +147,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
           plgpu.barrier_wait(v_bar.at[slot])
           if ping_pong:
             plgpu.barrier_wait(turn)
-          acc = common.matmul_acc(acc, p, v_smem.at[slot], interpret=interpret)
+          acc = common.matmul_acc(acc, p, v_tile, interpret=interpret)
           plgpu.barrier_arrive(v_free.at[slot])
           return acc, new_max, run_sum
 

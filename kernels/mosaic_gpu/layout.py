@@ -50,6 +50,7 @@ class Problem:
     block_q, block_k: padded rows per block (multiples of the tiles).
     num_sets: extra key sets (1: shared by every block, or ``num_blocks``).
     num_extra: padded extra keys per set (0 when there are none).
+    extra_keys: extra keys per set before padding.
     spec: the caller's ``core.BlockSpec`` (rules, causal, sink and window).
     exclude_in_kernel: shared extra keys whose block equals the query's block are dropped in
       the kernel (only for one set shared by several blocks; otherwise folded in BIAS).
@@ -66,6 +67,7 @@ class Problem:
   block_k: int
   num_sets: int
   num_extra: int
+  extra_keys: int
   spec: core.BlockSpec
   exclude_in_kernel: bool
   dtype: np.dtype
@@ -182,7 +184,8 @@ def describe(q, k, v, extra_pos, *, spec: core.BlockSpec, q_multiple: int, k_mul
   return Problem(
       batch=batch, q_heads=q_heads, kv_heads=kv_heads, dk=dk, dv=dv, num_blocks=num_blocks,
       block_q=block_q, block_k=block_k, num_sets=num_sets,
-      num_extra=round_up(num_extra, extra_multiple) if num_extra else 0, spec=spec,
+      num_extra=round_up(num_extra, extra_multiple) if num_extra else 0,
+      extra_keys=num_extra, spec=spec,
       exclude_in_kernel=num_sets == 1 and num_blocks > 1 and num_extra > 0, dtype=dtype)
 
 
