@@ -334,6 +334,7 @@ class MosaicGpuBackendTest(parameterized.TestCase):
                                          q.astype(jnp.float32), **kwargs))
     self.assertFalse(exact.cudnn_applies(q, q, q, **{**kwargs, "key_value_seq_lengths": [3]}))
     self.assertTrue(exact.prefers_exact(8192, is_causal=True))
+    self.assertFalse(exact.prefers_exact(16384, is_causal=True))
     self.assertFalse(exact.prefers_exact(1 << 17, is_causal=False))
 
 

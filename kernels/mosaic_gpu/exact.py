@@ -14,9 +14,9 @@ import numpy as np
 # Below these query lengths the default dispatch on Hopper is exact (cuDNN). Measured at the
 # default configuration (B=1, 32 heads, head_dim 128, bf16, H200; benchmarks/RESULTS.md):
 # non-causal, the kernels are 2.4x (forward) and 2.6x (forward+backward) faster at 8192;
-# causal, they are 1.2x faster forward but 0.97x forward+backward at 16384, so exact
-# attention stays up to 32768, where they are 2.6x and 1.8x faster.
-BREAK_EVEN = {False: 8192, True: 32768}
+# causal, they are 1.78x and 1.69x faster at 16384 but at par at 8192 (1.03x and 1.00x), so
+# causal inputs stay exact below 16384.
+BREAK_EVEN = {False: 8192, True: 16384}
 
 
 def _concrete_float(x):
