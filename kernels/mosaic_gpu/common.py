@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from hyperattention_jax import core
-from hyperattention_jax.kernels.mosaic_gpu.layout import ROWS_PER_WG, Problem, round_up, unsupported
+from hyperattention_jax.kernels.mosaic_gpu.layout import (ROWS_PER_WG, Problem, round_up,
+                                                       unsupported)
 
 # A finite "minus infinity" for running maxima: a row that has seen no counted key keeps it,
 # so exp2(old_max - new_max) stays finite (1) instead of exp2(-inf + inf) = nan.
@@ -322,7 +323,7 @@ def key_slot(prob: Problem, tiles: Tiles, buffers, slot, *, extra: bool):
 
   Args:
     buffers: the rings ``k [S, tk, dk]``, ``v [S, tk, dv]``, ``meta [S, R, tk]``.
-    extra: whether the step is an extra-key step (``extra_step_keys`` of its keys count).
+    extra: whether the step is an extra-key step (it reads ``extra_step_keys`` keys).
   """
   k_smem, v_smem, meta_smem = buffers
   width = extra_step_keys(prob, tiles) if extra else tiles.key_tile
