@@ -173,6 +173,11 @@ class MosaicGpuKernelTest(parameterized.TestCase):
       dict(testcase_name="lsh_piece_two_tiles", tiles_per_cta=2, block=256, num_extra=70,
            per_block=False, causal=False, dtype=jnp.bfloat16, sequence_major=False,
            spec=dict(diagonal_keys=core.NONLOCAL, extra_keys=core.NONLOCAL, sink_size=3)),
+      # Four tiles per CTA: one CTA runs both blocks of the piece, each with its own
+      # same-block exclusion of the samples.
+      dict(testcase_name="lsh_piece_across_blocks", tiles_per_cta=4, block=256, num_extra=70,
+           per_block=False, causal=False, dtype=jnp.bfloat16, sequence_major=False,
+           spec=dict(diagonal_keys=core.NONLOCAL, extra_keys=core.NONLOCAL, sink_size=3)),
       # A causal leaf of three query tiles run by one CTA (its query buffers reused while
       # the first tile's output may still be stored), sequence-major, float16.
       dict(testcase_name="causal_leaf_three_tiles", tiles_per_cta=3, block=384, num_extra=20,
@@ -190,7 +195,7 @@ class MosaicGpuKernelTest(parameterized.TestCase):
     spec = core.BlockSpec(block_q=block, block_k=block, sequence_major=sequence_major, **spec)
     default = mosaic_gpu.default_tiles(64, 64)
     tiles = default._replace(forward=mosaic_gpu.Tiles(128, tiles_per_cta=tiles_per_cta))
-    self.assertEqual(tiles.forward.span(block // 128), tiles_per_cta)
+    self.assertEqual(tiles.forward.span(2 * block // 128), tiles_per_cta)
     got = mosaic_gpu.block_attention(**inputs, spec=spec, scale=0.125, tiles=tiles,
                                      interpret=plgpu.InterpretGPUParams())
     want = core.block_attention(**inputs, spec=spec, scale=0.125)

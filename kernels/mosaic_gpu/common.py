@@ -39,7 +39,7 @@ class Tiles:
     tiles_per_cta: query tiles (of ``rows_per_cta`` rows) that a forward CTA runs one after
       another, its key stream running on from one to the next, so that the next tile's
       queries load and the previous tile's output is stored while the tensor cores work
-      (the forward kernel only; fewer where they would cross a block).
+      (the forward kernel only; a CTA's tiles may belong to different blocks).
   """
 
   key_tile: int
@@ -64,10 +64,11 @@ class Tiles:
   def rows_per_cta(self) -> int:
     return self.compute_wgs * ROWS_PER_WG
 
-  def span(self, tiles_per_block: int) -> int:
-    """Query tiles per CTA: the largest divisor of ``tiles_per_block`` up to ``tiles_per_cta``."""
-    return max(t for t in range(1, min(self.tiles_per_cta, tiles_per_block) + 1)
-               if tiles_per_block % t == 0)
+  def span(self, num_tiles: int) -> int:
+    """Query tiles per CTA: the largest divisor of ``num_tiles`` (a call's query tiles per
+    head and batch row) up to ``tiles_per_cta``."""
+    return max(t for t in range(1, min(self.tiles_per_cta, num_tiles) + 1)
+               if num_tiles % t == 0)
 
 
 def forward_tiles(dk: int, dv: int) -> Tiles:

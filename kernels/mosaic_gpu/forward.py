@@ -57,7 +57,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
   """
   cta_rows = tiles.rows_per_cta
   ctas_per_block = prob.block_q // cta_rows
-  span = tiles.span(ctas_per_block)     # query tiles per CTA
+  span = tiles.span(prob.num_blocks * ctas_per_block)  # query tiles per CTA
   nbuf = min(span, 2)                   # query/output buffers: the next tile's load overlaps
   common.check_smem(smem_bytes(prob, tiles, nbuf), "the forward kernel")
   nw, rows, tk, stages = tiles.compute_wgs, ROWS_PER_WG, tiles.key_tile, tiles.num_stages
