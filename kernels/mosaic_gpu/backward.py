@@ -78,7 +78,7 @@ def dq(ops: Operands, do, q_meta, prob: Problem, tiles: common.Tiles, *, interpr
     @pl.when(wg == nw)
     def _memory():
       common.split_registers(True, nw)
-      common.stream_keys([cta], [0, cta.num_steps], prob, tiles, (k_ref, v_ref, kmeta_ref),
+      common.stream_keys(lambda t: cta, 1, prob, tiles, (k_ref, v_ref, kmeta_ref),
                          (xk_ref, xv_ref, xmeta_ref), (k_smem, v_smem, meta_smem), (k_bar, v_bar),
                          (k_free, v_free))
 

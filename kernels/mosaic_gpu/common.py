@@ -357,6 +357,27 @@ def walk_key_steps(step_fn, carry, cta: QueryCta, prob: Problem, tiles: Tiles):
   return carry
 
 
+def _feed(fetch, free, *, first, num_steps, stages: int):
+  """Steps ``[first, first + num_steps)`` of a ring's stream: ``fetch(i, slot, which)`` for
+  the ``i``-th of them, once the slot's earlier contents are released."""
+  @pl.loop(0, num_steps)
+  def _step(i):
+    step = first + i
+    slot = lax.rem(step, stages)
+    for which in (0, 1):
+      pl.when(step >= stages)(lambda: plgpu.barrier_wait(free[which].at[slot]))
+      fetch(i, slot, which)
+
+
+def _drain(free, *, num_steps, stages: int):
+  """Observes the last releases too: a barrier's waiter must see each of its phases."""
+  @pl.loop(jnp.maximum(num_steps - stages, 0), num_steps)
+  def _step(step):
+    slot = lax.rem(step, stages)
+    for which in (0, 1):
+      plgpu.barrier_wait(free[which].at[slot])
+
+
 def produce(fetch, free, *, num_steps, stages: int):
   """The loop of a memory warpgroup that feeds a ``stages``-deep ring of two operands.
 
@@ -364,41 +385,23 @@ def produce(fetch, free, *, num_steps, stages: int):
   step ``step`` into ring slot ``slot``; a slot is refilled once its ``free[which]``
   barrier says every compute warpgroup is done with it.
   """
-  for step in range(stages):
-    @pl.when(step < num_steps)
-    def _prologue():
-      fetch(step, step, 0)
-      fetch(step, step, 1)
-
-  @pl.loop(0, jnp.maximum(num_steps - stages, 0))
-  def _steady(step):
-    slot = lax.rem(step, stages)
-    for which in (0, 1):
-      plgpu.barrier_wait(free[which].at[slot])
-      fetch(step + stages, slot, which)
-
-  # Observe the last releases too: a barrier's waiter must see each of its phases.
-  @pl.loop(jnp.maximum(num_steps - stages, 0), num_steps)
-  def _drain(step):
-    slot = lax.rem(step, stages)
-    for which in (0, 1):
-      plgpu.barrier_wait(free[which].at[slot])
+  _feed(fetch, free, first=0, num_steps=num_steps, stages=stages)
+  _drain(free, num_steps=num_steps, stages=stages)
 
 
-def stream_keys(ctas, starts, prob: Problem, tiles: Tiles, key_refs, extra_refs, buffers,
-                ready, free):
+def stream_keys(cta_of, num_tiles: int, prob: Problem, tiles: Tiles, key_refs, extra_refs,
+                buffers, ready, free):
   """The memory warpgroup of a key-streaming kernel (forward, dq).
 
-  The key streams of the query tiles ``ctas`` run one after another through one ring:
-  tile ``t`` has steps ``[starts[t], starts[t + 1])``. Its step ``i < num_diagonal`` brings
-  diagonal key tile ``i`` of the tile's block (k, v and meta rows from ``key_refs``); later
-  steps bring extra key tiles of its set. k and its meta arrive on ``ready[0]``, v on
-  ``ready[1]``; a slot is reused once its ``free`` barriers (k, v) say every compute
-  warpgroup is done with it.
+  The key streams of query tiles ``cta_of(0) .. cta_of(num_tiles - 1)`` run one after
+  another through one ring. A tile's step ``i < num_diagonal`` brings diagonal key tile
+  ``i`` of the tile's block (k, v and meta rows from ``key_refs``); later steps bring extra
+  key tiles of its set. k and its meta arrive on ``ready[0]``, v on ``ready[1]``; a slot is
+  reused once its ``free`` barriers (k, v) say every compute warpgroup is done with it.
 
   Args:
-    ctas: the query tiles (``query_cta``), all of one head and batch row.
-    starts: ``len(ctas) + 1`` step offsets (``starts[0] == 0``).
+    cta_of: the ``query_cta`` of tile ``t`` (a traced index), all of one head and batch row.
+    num_tiles: how many.
     prob, tiles: the call and the kernel's tiles.
     key_refs: ``(k [B, Hk, Nk, dk], v [B, Hk, Nk, dv], meta [B, Hk, R, Nk])`` in GMEM (k
       and v sequence-major with ``spec.sequence_major``).
@@ -408,7 +411,7 @@ def stream_keys(ctas, starts, prob: Problem, tiles: Tiles, key_refs, extra_refs,
     ready, free: ``(k, v)`` barrier arrays of ``num_stages`` barriers each.
   """
   k_smem, v_smem, meta_smem = buffers
-  key_tile = tiles.key_tile
+  key_tile, stages = tiles.key_tile, tiles.num_stages
   has_extra = bool(prob.num_extra // key_tile)
 
   def fetch_of(cta, step, slot, which):
@@ -436,12 +439,11 @@ def stream_keys(ctas, starts, prob: Problem, tiles: Tiles, key_refs, extra_refs,
         plgpu.copy_gmem_to_smem(extra_refs[2].at[batch, kv_head, cta.set_idx, :, keys],
                                 meta_smem.at[slot], ready[0].at[slot])
 
-  def fetch(step, slot, which):
-    if len(ctas) == 1:
-      fetch_of(ctas[0], step, slot, which)
-      return
-    for t, cta in enumerate(ctas):
-      pl.when((step >= starts[t]) & (step < starts[t + 1]))(
-          lambda cta=cta, t=t: fetch_of(cta, step - starts[t], slot, which))
+  def tile_stream(t, first):
+    cta = cta_of(t)
+    _feed(functools.partial(fetch_of, cta), free, first=first, num_steps=cta.num_steps,
+          stages=stages)
+    return first + cta.num_steps
 
-  produce(fetch, free, num_steps=starts[-1], stages=tiles.num_stages)
+  num_steps = lax.fori_loop(0, num_tiles, tile_stream, jnp.int32(0))
+  _drain(free, num_steps=num_steps, stages=stages)

@@ -71,12 +71,11 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
              dlive_ref, xlive_ref, o_ref, lse_ref, buffers, barriers):
     q_smem, o_smem, k_smem, v_smem, meta_smem, qpos_smem, coef_smem, lse_smem = buffers
     q_bar, k_bar, v_bar, k_free, v_free, turn = barriers
-    ctas = [common.query_cta(prob, tiles, dlive_ref, xlive_ref,
-                             tile=common.axis("tile") * span + t) for t in range(span)]
-    starts = [0]
-    for cta in ctas:
-      starts.append(starts[-1] + cta.num_steps)
-    head, batch, wg = ctas[0].head, ctas[0].batch, ctas[0].wg
+    def cta_of(t):  # the CTA's query tile t
+      return common.query_cta(prob, tiles, dlive_ref, xlive_ref,
+                              tile=common.axis("tile") * span + t)
+
+    head, batch, wg = common.axis("head"), common.axis("batch"), common.axis("wg")
 
     def take_turn():  # the two compute warpgroups alternate softmax and tensor-core work
       plgpu.barrier_arrive(turn)
@@ -85,7 +84,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
     @pl.when(wg == nw)
     def _memory():
       common.split_registers(True, nw)
-      common.stream_keys(ctas, starts, prob, tiles, (k_ref, v_ref, kmeta_ref),
+      common.stream_keys(cta_of, span, prob, tiles, (k_ref, v_ref, kmeta_ref),
                          (xk_ref, xv_ref, xmeta_ref), (k_smem, v_smem, meta_smem),
                          (k_bar, v_bar), (k_free, v_free))
 
@@ -94,10 +93,11 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       common.split_registers(False, nw)
 
       def rows_of(t):
-        return pl.ds(ctas[t].tile * cta_rows + wg * rows, rows)
+        return pl.ds((common.axis("tile") * span + t) * cta_rows + wg * rows, rows)
 
       def load_queries(t):
-        buf, bar = t % nbuf, q_bar.at[(t % nbuf) * nw + wg]
+        buf = lax.rem(t, nbuf)
+        bar = q_bar.at[buf * nw + wg]
         plgpu.copy_gmem_to_smem(prob.rows_of(q_ref, batch, head, rows_of(t)), q_smem.at[buf, wg],
                                 bar)
         plgpu.copy_gmem_to_smem(coef_ref.at[0, pl.ds(0, rows)], coef_smem.at[buf, wg], bar)
@@ -105,9 +105,10 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
           plgpu.copy_gmem_to_smem(qpos_ref.at[batch, head, rows_of(t)], qpos_smem.at[buf, wg],
                                   bar)
 
-      def run_tile(t):
-        """Tile ``t``: its key steps, then its output, stored while the next tile runs."""
-        cta, buf, offset = ctas[t], t % nbuf, starts[t]
+      def run_tile(t, offset):
+        """Tile ``t``, whose key steps start at ring step ``offset``: its key steps, then its
+        output, stored while the next tile runs. Returns the next tile's first step."""
+        cta, buf = cta_of(t), lax.rem(t, nbuf)
         q_tile = q_smem.at[buf, wg]
         plgpu.barrier_wait(q_bar.at[buf * nw + wg])
         coef = plgpu.load(coef_smem.at[buf, wg], layout=ROW)
@@ -167,16 +168,21 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_tile, prob.rows_of(o_ref, batch, head, rows_of(t)))
         plgpu.copy_smem_to_gmem(lse_smem.at[buf, wg], lse_ref.at[batch, head, rows_of(t)])
+        return offset + cta.num_steps
+
+      def next_tile(t, offset):
+        @pl.when(t + 1 < span)
+        def _load_next():
+          # The buffer may still hold tile t + 1 - nbuf's output, being stored.
+          pl.when(t + 1 >= nbuf)(lambda: plgpu.wait_smem_to_gmem(0, wait_read_only=True))
+          load_queries(t + 1)
+
+        return run_tile(t, offset)
 
       load_queries(0)
       if ping_pong:
         pl.when(wg == 1)(take_turn)
-      for t in range(span):
-        if t + 1 < span:
-          if t + 1 >= nbuf:  # the buffer still holds tile t + 1 - nbuf's output, being stored
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          load_queries(t + 1)
-        run_tile(t)
+      lax.fori_loop(0, span, next_tile, jnp.int32(0))
       if ping_pong:
         pl.when(wg == 0)(take_turn)
       plgpu.wait_smem_to_gmem(0)
