@@ -47,7 +47,8 @@ _OUT = flags.DEFINE_string("out", "", "Write the rows as JSON here.")
 # Candidates besides the defaults: (key_tile, query_tile, num_stages, compute_wgs[,
 # tiles_per_cta]).
 FORWARD = [(64, 64, 2, 2), (64, 64, 3, 2), (64, 64, 4, 2), (128, 64, 3, 2), (128, 64, 2, 1),
-           (128, 64, 2, 2, 1), (128, 64, 2, 2, 4)]
+           (128, 64, 2, 2, 1), (128, 64, 2, 2, 2), (128, 64, 2, 2, 4), (128, 64, 2, 2, 8),
+           (128, 64, 2, 2, 16)]
 DQ = [(64, 64, 3, 2), (128, 64, 2, 2), (64, 64, 2, 1)]
 # The dk/dv kernel traces with 64-row query tiles only (128 fails in a broadcast).
 DKV = [(64, 64, 3, 2), (64, 64, 4, 2), (64, 64, 2, 1)]
@@ -92,7 +93,7 @@ def tune(name, rows):
   dim = _HEAD_DIM.value
   inputs, spec, flops = _call(name, dim)
   diff = {n: inputs[n] for n in _DIFFERENTIABLE}
-  default = mosaic_gpu.default_tiles(dim, dim)
+  default = mosaic_gpu.default_tiles(dim, dim, spec.causal)
   d_out = normal(jax.random.key(9), inputs["q"].shape, jnp.float32)
   forward, grad = _functions(inputs, spec, default, d_out)
   want_out = jax.block_until_ready(forward(diff))
@@ -101,7 +102,7 @@ def tune(name, rows):
   for kernel, candidates in (("forward", FORWARD), ("dq", DQ), ("dkv", DKV)):
     if kernel in _KERNELS.value:
       variants += [(f"{kernel} {t}", default._replace(**{kernel: Tiles(*t)}))
-                   for t in candidates]
+                   for t in candidates if Tiles(*t) != getattr(default, kernel)]
   print(f"{name}: {spec}; default {default}", flush=True)
   for label, tiles in variants:
     forward, grad = _functions(inputs, spec, tiles, d_out)

@@ -275,7 +275,7 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
                           window_size=window_size, sequence_major=sequence_major)
     fixed = {name: x for name, x in inputs.items() if name not in _DIFFERENTIABLE}
 
-    tiles = mosaic_gpu.default_tiles(head_dim, head_dim)
+    tiles = mosaic_gpu.default_tiles(head_dim, head_dim, causal)
     if tiles_per_cta is not None:
       tiles = tiles._replace(forward=dataclasses.replace(tiles.forward,
                                                          tiles_per_cta=tiles_per_cta))

@@ -101,9 +101,9 @@ class KernelTiles(NamedTuple):
   dkv: common.Tiles
 
 
-def default_tiles(dk: int, dv: int) -> KernelTiles:
-  """The tiles ``block_attention`` uses unless told otherwise."""
-  return KernelTiles(common.forward_tiles(dk, dv), common.dq_tiles(dk, dv),
+def default_tiles(dk: int, dv: int, causal: bool = False) -> KernelTiles:
+  """The tiles ``block_attention`` uses unless told otherwise (``causal``: ``spec.causal``)."""
+  return KernelTiles(common.forward_tiles(dk, dv, causal), common.dq_tiles(dk, dv),
                      common.dkv_tiles(dk, dv))
 
 
@@ -130,7 +130,8 @@ def block_attention(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_bl
       than bfloat16 and float16, head dims other than 64, 128 and 256, positions beyond
       2**24); the dispatcher then falls back to the next implementation.
   """
-  fwd_tiles, dq_tiles, dkv_tiles = tiles or default_tiles(q.shape[-1], v.shape[-1])
+  fwd_tiles, dq_tiles, dkv_tiles = tiles or default_tiles(q.shape[-1], v.shape[-1],
+                                                          spec.causal)
   q_multiple, k_multiple, extra_multiple = _multiples(fwd_tiles, dq_tiles, dkv_tiles)
   prob = layout.describe(q, k, v, extra_pos, spec=spec, q_multiple=q_multiple,
                          k_multiple=k_multiple, extra_multiple=extra_multiple)
