@@ -72,13 +72,13 @@ class Tiles:
 
 
 def forward_tiles(dk: int, dv: int, causal: bool = False) -> Tiles:
-  """Tiles of the forward kernel: 128-key steps, with several query tiles per CTA (eight for
+  """Tiles of the forward kernel: 128-key steps, with several query tiles per CTA (sixteen for
   the LSH pieces, whose tiles have few key steps each; two for causal blocks, whose CTAs'
   work grows with their tiles' rows); 64-key steps and one query tile per CTA for 256-wide
   heads (shared memory)."""
   if max(dk, dv) > 128:
     return Tiles(key_tile=64)
-  return Tiles(key_tile=128, tiles_per_cta=2 if causal else 8)
+  return Tiles(key_tile=128, tiles_per_cta=2 if causal else 16)
 
 
 def dq_tiles(dk: int, dv: int) -> Tiles:
