@@ -183,6 +183,11 @@ class MosaicGpuKernelTest(parameterized.TestCase):
       dict(testcase_name="causal_leaf_three_tiles", tiles_per_cta=3, block=384, num_extra=20,
            per_block=True, causal=True, dtype=jnp.float16, sequence_major=True,
            spec=dict(causal=True, extra_keys=core.LOCAL, sink_size=2, window_size=12)),
+      # Four tiles of a causal leaf per CTA, balanced: a CTA runs tiles 0, 3, 4, 7 of the
+      # piece's two blocks of four tiles, the other 1, 2, 5, 6.
+      dict(testcase_name="causal_leaf_balanced", tiles_per_cta=4, block=512, num_extra=4,
+           per_block=True, causal=True, dtype=jnp.bfloat16, sequence_major=False,
+           spec=dict(causal=True, extra_keys=core.LOCAL, sink_size=4)),
   )
   def test_forward_tiles_per_cta(self, *, tiles_per_cta, block, num_extra, per_block, causal,
                                  dtype, sequence_major, spec):
@@ -201,6 +206,17 @@ class MosaicGpuKernelTest(parameterized.TestCase):
     want = core.block_attention(**inputs, spec=spec, scale=0.125)
     chex.assert_trees_all_equal(jnp.isfinite(got[1]), jnp.isfinite(want[1]))
     chex.assert_trees_all_close(got, want, atol=2e-2, rtol=2e-2)
+
+  def test_cta_tile(self):
+    """Balanced causal tiles: every tile run once, and each CTA of a block with equal work."""
+    for span, per_block in ((2, 32), (4, 32), (4, 8)):
+      ctas = 2 * per_block // span
+      got = [[int(common.cta_tile(c, t, span, per_block, balance=True))
+              for t in range(span)] for c in range(ctas)]
+      self.assertCountEqual(sum(got, []), range(2 * per_block))
+      self.assertLen({sum(tile % per_block for tile in tiles) for tiles in got}, 1)
+    self.assertEqual([int(common.cta_tile(1, t, 3, 9, balance=True))
+                      for t in range(3)], [3, 4, 5])  # an odd span: consecutive tiles
 
   def test_forward_span(self):
     tiles = mosaic_gpu.Tiles(128, tiles_per_cta=4)

@@ -264,6 +264,23 @@ def key_steps(prob: Problem, tiles: Tiles, first_row, diag_live, extra_live):
   return num_unmasked, num_diagonal, num_diagonal + num_extra
 
 
+def cta_tile(cta, t, span: int, tiles_per_block: int, *, balance: bool):
+  """The query tile that CTA ``cta`` runs ``t``-th (of ``span``).
+
+  A CTA runs ``span`` consecutive tiles; with ``balance`` (causal blocks, where a tile's
+  work grows with its rows), an even ``span`` that divides ``tiles_per_block`` pairs low
+  rows with high ones instead: the ``G`` CTAs of a block take its tiles ``c, 2G-1-c, 2G+c,
+  4G-1-c, ...`` (``c`` the CTA within the block), so that each has the same work.
+  """
+  if not (balance and span % 2 == 0 and tiles_per_block % span == 0):
+    return cta * span + t
+  groups = tiles_per_block // span
+  block, c = cta // groups, cta % groups
+  first_of_pair = (t // 2) * 2 * groups
+  local = jnp.where(t % 2 == 0, first_of_pair + c, first_of_pair + 2 * groups - 1 - c)
+  return block * tiles_per_block + local
+
+
 class QueryCta(NamedTuple):
   """What a CTA of the key-streaming kernels (forward, dq) works on.
 

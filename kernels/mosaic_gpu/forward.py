@@ -71,9 +71,12 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
              dlive_ref, xlive_ref, o_ref, lse_ref, buffers, barriers):
     q_smem, o_smem, k_smem, v_smem, meta_smem, qpos_smem, coef_smem, lse_smem = buffers
     q_bar, k_bar, v_bar, k_free, v_free, turn = barriers
-    def cta_of(t):  # the CTA's query tile t
-      return common.query_cta(prob, tiles, dlive_ref, xlive_ref,
-                              tile=common.axis("tile") * span + t)
+    def tile_of(t):  # the CTA's t-th query tile
+      return common.cta_tile(common.axis("tile"), t, span, ctas_per_block,
+                             balance=spec.causal)
+
+    def cta_of(t):
+      return common.query_cta(prob, tiles, dlive_ref, xlive_ref, tile=tile_of(t))
 
     head, batch, wg = common.axis("head"), common.axis("batch"), common.axis("wg")
 
@@ -93,7 +96,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       common.split_registers(False, nw)
 
       def rows_of(t):
-        return pl.ds((common.axis("tile") * span + t) * cta_rows + wg * rows, rows)
+        return pl.ds(tile_of(t) * cta_rows + wg * rows, rows)
 
       def load_queries(t):
         buf = lax.rem(t, nbuf)
