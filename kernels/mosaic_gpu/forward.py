@@ -1,8 +1,10 @@
 """Forward kernel: one online softmax per query tile over its key stream.
 
-A CTA owns ``compute_wgs * 64`` query rows of one logical block, one query head and one batch
-row. Its key stream is the diagonal key block (in ``key_tile`` steps) followed by the extra
-keys of its set. A memory warpgroup streams k, v and the key meta rows through a
+A query tile is ``compute_wgs * 64`` rows of one logical block; a CTA runs ``span`` tiles of
+one query head and batch row in a loop (``Tiles.tiles_per_cta``; for causal blocks paired so
+that its CTAs have equal work, ``common.cta_tile``). A tile's key stream is its diagonal key
+block (in ``key_tile`` steps) followed by the extra keys of its set, and the streams of the
+CTA's tiles run on through one ring. A memory warpgroup streams k, v and the key meta rows through a
 ``num_stages``-deep ring of shared-memory buffers with bulk copies; each compute warpgroup
 runs ``s = q k^T`` and ``acc += p v`` on the tensor cores (wgmma) for its 64 rows, with the
 softmax in the log2 domain (the logit scale folded with log2(e), one FMA per element).
@@ -56,8 +58,8 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
     ``lse [B, Hq, Nq]`` float32 (natural log).
   """
   cta_rows = tiles.rows_per_cta
-  ctas_per_block = prob.block_q // cta_rows
-  span = tiles.span(prob.num_blocks * ctas_per_block)  # query tiles per CTA
+  tiles_per_block = prob.block_q // cta_rows
+  span = tiles.span(prob.num_blocks * tiles_per_block)  # query tiles per CTA
   nbuf = min(span, 2)                   # query/output buffers: the next tile's load overlaps
   common.check_smem(smem_bytes(prob, tiles, nbuf), "the forward kernel")
   nw, rows, tk, stages = tiles.compute_wgs, ROWS_PER_WG, tiles.key_tile, tiles.num_stages
@@ -71,8 +73,9 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
              dlive_ref, xlive_ref, o_ref, lse_ref, buffers, barriers):
     q_smem, o_smem, k_smem, v_smem, meta_smem, qpos_smem, coef_smem, lse_smem = buffers
     q_bar, k_bar, v_bar, k_free, v_free, turn = barriers
+
     def tile_of(t):  # the CTA's t-th query tile
-      return common.cta_tile(common.axis("tile"), t, span, ctas_per_block,
+      return common.cta_tile(common.axis("tile"), t, span, tiles_per_block,
                              balance=spec.causal)
 
     def cta_of(t):
@@ -215,7 +218,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
               jax.ShapeDtypeStruct((prob.batch, prob.q_heads, prob.q_len), f32))
   return common.launch(
       kernel, buffers=buffers, barriers=barriers, out_type=out_type,
-      grid=(prob.num_blocks * ctas_per_block // span, prob.q_heads, prob.batch), compute_wgs=nw,
+      grid=(prob.num_blocks * tiles_per_block // span, prob.q_heads, prob.batch), compute_wgs=nw,
       interpret=interpret,
   )(ops["q"], ops["k"], ops["v"], ops["k_meta"], ops["extra_k"], ops["extra_v"],
     ops["extra_meta"], ops["q_pos"], ops["coef"], ops["diag_live"], ops["extra_live"])
