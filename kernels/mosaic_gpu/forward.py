@@ -4,10 +4,11 @@ A query tile is ``compute_wgs * 64`` rows of one logical block; a CTA runs ``spa
 one query head and batch row in a loop (``Tiles.tiles_per_cta``; for causal blocks paired so
 that its CTAs have equal work, ``common.cta_tile``). A tile's key stream is its diagonal key
 block (in ``key_tile`` steps) followed by the extra keys of its set, and the streams of the
-CTA's tiles run on through one ring. A memory warpgroup streams k, v and the key meta rows through a
-``num_stages``-deep ring of shared-memory buffers with bulk copies; each compute warpgroup
-runs ``s = q k^T`` and ``acc += p v`` on the tensor cores (wgmma) for its 64 rows, with the
-softmax in the log2 domain (the logit scale folded with log2(e), one FMA per element).
+CTA's tiles run on through one ring. A memory warpgroup streams k, v and the key meta rows
+through that ``num_stages``-deep ring of shared-memory buffers with bulk copies; each compute
+warpgroup runs ``s = q k^T`` and ``acc += p v`` on the tensor cores (wgmma) for its 64 rows,
+with the softmax in the log2 domain (the logit scale folded with log2(e), one FMA per
+element).
 
 Masks: keys that never count (padding, the rule's column part, other-block extras folded by
 the wrapper) carry ``-inf`` in the BIAS row and cost one add. Query-dependent masks (causal,
