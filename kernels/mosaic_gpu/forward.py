@@ -147,9 +147,11 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
           new_max = jnp.maximum(run_max, s.max(axis=1))
           alpha = jnp.exp2(run_max - new_max)
           p = jnp.exp2(s - row_vec(new_max, shape))
-          run_sum = run_sum * alpha + p.sum(axis=1)
           acc = acc * row_vec(alpha, acc.shape)
+          run_sum = run_sum * alpha + p.sum(axis=1)
           p = p.astype(dtype)
+          # Keeps the softmax before the turn is handed over (ptxas would sink parts of it).
+          acc, run_sum, new_max, p = lax.optimization_barrier((acc, run_sum, new_max, p))
           if ping_pong:
             plgpu.barrier_arrive(turn)
           plgpu.barrier_wait(v_bar.at[slot])
