@@ -168,12 +168,19 @@ def matmuls(products, *, interpret):
   return pl.run_state(body)(inits)
 
 
-def matmul_acc(acc, a, b, *, interpret, transpose_b=False):
-  """``acc + a @ b`` for a float32 accumulator value (accumulated in place on the GPU)."""
+def matmul_acc(acc, a, b, *, interpret, transpose_b=False, before_wait=None):
+  """``acc + a @ b`` for a float32 accumulator value (accumulated in place on the GPU);
+  ``before_wait`` as ``matmul``."""
   if interpret:
-    return acc + matmul(a, b, acc.shape, interpret=True, transpose_b=transpose_b)
-  return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, _operand(b, transpose_b)))(
-      plgpu.ACC.init(acc))
+    return acc + matmul(a, b, acc.shape, interpret=True, transpose_b=transpose_b,
+                        before_wait=before_wait)
+
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, _operand(b, transpose_b))
+    if before_wait is not None:
+      before_wait()
+
+  return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
 def check_smem(total_bytes: int, what: str):

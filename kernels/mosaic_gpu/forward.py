@@ -127,7 +127,6 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
           k_tile, v_tile, meta, width = common.key_slot(prob, tiles, (k_smem, v_smem, meta_smem),
                                                         slot, extra=extra)
           shape = (rows, width)
-          plgpu.barrier_wait(k_bar.at[slot])
 
           s = common.matmul(q_tile, k_tile, shape, interpret=interpret,
                             transpose_b=True, before_wait=take_turn if ping_pong else None)
@@ -157,10 +156,16 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
           plgpu.barrier_wait(v_bar.at[slot])
           if ping_pong:
             plgpu.barrier_wait(turn)
-          acc = common.matmul_acc(acc, p, v_tile, interpret=interpret)
+
+          def wait_next_keys():  # while the tensor cores run p v
+            has_next = step + 1 < cta.num_steps
+            pl.when(has_next)(lambda: plgpu.barrier_wait(k_bar.at[lax.rem(slot + 1, stages)]))
+
+          acc = common.matmul_acc(acc, p, v_tile, interpret=interpret, before_wait=wait_next_keys)
           plgpu.barrier_arrive(v_free.at[slot])
           return acc, new_max, run_sum
 
+        pl.when(cta.num_steps > 0)(lambda: plgpu.barrier_wait(k_bar.at[lax.rem(offset, stages)]))
         carry = (common.zeros((rows, prob.dv)), common.full((rows,), NEG_BIG, ROW),
                  common.full((rows,), 0.0, ROW))
         acc, run_max, run_sum = common.walk_key_steps(step_fn, carry, cta, prob, tiles)
