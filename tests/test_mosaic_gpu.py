@@ -306,6 +306,16 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
     # The forward, dq and dk/dv kernels.
     self.assertEqual(text.count("custom_call @mosaic_gpu"), 3)
 
+  def test_row_copies_lower_for_hopper(self):
+    """benchmarks/bench_row_copies.py's gather kernels (GPU only) still lower for sm_90."""
+    from benchmarks import bench_row_copies  # pylint: disable=g-import-not-at-top
+    x = jnp.zeros((4 * bench_row_copies.TILE, bench_row_copies.COLS), jnp.bfloat16)
+    perm = jnp.arange(x.shape[0], dtype=jnp.int32)
+    for gather in (functools.partial(bench_row_copies.gather_pallas, warpgroups=2),
+                   functools.partial(bench_row_copies.gather_raw, rows_per_thread=4)):
+      text = jax.jit(gather).trace(x, perm).lower(lowering_platforms=("cuda",)).as_text()
+      self.assertEqual(text.count("custom_call @mosaic_gpu"), 1)
+
 
 class MosaicGpuBackendTest(parameterized.TestCase):
 
