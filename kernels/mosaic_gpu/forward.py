@@ -8,7 +8,7 @@ CTA's tiles run on through one ring. A memory warpgroup streams k, v and the key
 through that ``num_stages``-deep ring of shared-memory buffers with bulk copies; each compute
 warpgroup runs ``s = q k^T`` and ``acc += p v`` on the tensor cores (wgmma) for its 64 rows,
 with the softmax in the log2 domain (the logit scale folded with log2(e), one FMA per
-element).
+element). A step's key tile is awaited while the previous step's ``p v`` product runs.
 
 Masks: keys that never count (padding, the rule's column part, other-block extras folded by
 the wrapper) carry ``-inf`` in the BIAS row and cost one add. Query-dependent masks (causal,
@@ -149,7 +149,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
           acc = acc * row_vec(alpha, acc.shape)
           run_sum = run_sum * alpha + p.sum(axis=1)
           p = p.astype(dtype)
-          # Keeps the softmax before the turn is handed over (ptxas would sink parts of it).
+          # The softmax is complete before the turn is handed over to the other warpgroup.
           acc, run_sum, new_max, p = lax.optimization_barrier((acc, run_sum, new_max, p))
           if ping_pong:
             plgpu.barrier_arrive(turn)
