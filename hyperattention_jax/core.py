@@ -36,6 +36,10 @@ With ``BlockSpec.sequence_major`` q, k, v and o are ``[B, rows, H, d]`` instead 
 public layout, so callers need no head-major copies); everything else keeps its shape.
 Implementations that read only the head-major layout take such calls through
 ``head_major``.
+
+q may also be an ``lsh.SortedRows`` (head-major, not sequence-major): the sorted rows of the
+caller's array, not copied yet. The Mosaic GPU kernels read them through the index; the
+other implementations copy them first (``head_major`` does).
 """
 
 import dataclasses
@@ -44,6 +48,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from hyperattention_jax import lsh
 from hyperattention_jax.config import check_int
 
 # Key rules: which keys of a set count for a query at position p.
@@ -131,10 +136,13 @@ def masked_softmax(logits, keep):
 
 def head_major(block_attention_fn):
   """Lets a ``block_attention`` implementation that reads ``[B, H, n, d]`` take
-  ``spec.sequence_major`` calls too, by transposing q, k, v in and the output back."""
+  ``spec.sequence_major`` calls too, by transposing q, k, v in and the output back, and
+  queries given as ``lsh.SortedRows``, by copying them into sorted order."""
 
   @functools.wraps(block_attention_fn)
   def wrapped(q, k, v, *args, spec: BlockSpec, **kwargs):
+    if isinstance(q, lsh.SortedRows):  # rows not copied yet: these implementations need them
+      q = q.materialize()
     if not spec.sequence_major:
       return block_attention_fn(q, k, v, *args, spec=spec, **kwargs)
     swap = lambda x: jnp.swapaxes(x, 1, 2)

@@ -6,6 +6,7 @@ public sequence-major layout ``[B, n, H, d]`` and the sorted head-major one with
 transposing whole arrays first.
 """
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -140,6 +141,51 @@ def _permute_bwd(inverse_idx, d_out):
 
 
 permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SortedRows:
+  """Rows of an array in another order, not copied yet: ``source[rows]`` as ``[B, H, n, d]``.
+
+  The core primitive may take its queries this way (``core.block_attention``): a kernel that
+  reads rows through an index skips the sorted copy, the others call ``materialize``.
+
+  Attributes:
+    source: ``[R, d]`` rows (a sequence-major ``[B, n_all, H, d]`` array seen as rows).
+    rows: ``[B, H, n]`` int32, the source row of each sorted row; ``R`` or more: a zero row.
+    inverse: ``[R]`` int32, the position in ``rows.reshape(-1)`` of each source row;
+      ``rows.size`` or more for rows that are not taken (one-to-one otherwise).
+  """
+
+  source: jax.Array
+  rows: jax.Array
+  inverse: jax.Array
+
+  @property
+  def shape(self):
+    return (*self.rows.shape, self.source.shape[-1])
+
+  @property
+  def dtype(self):
+    return self.source.dtype
+
+  def materialize(self):
+    """The sorted array ``[B, H, n, d]`` (its gradient is a gather too)."""
+    flat = permute(self.source, self.rows.reshape(-1), self.inverse)
+    return flat.reshape(self.shape)
+
+  def pad(self, length: int) -> "SortedRows":
+    """The same rows with zero rows appended on the rows axis up to ``length``."""
+    batch, heads, n = self.rows.shape
+    if length == n:
+      return self
+    rows = jnp.pad(self.rows, ((0, 0), (0, 0), (0, length - n)),
+                   constant_values=self.source.shape[0])
+    taken = self.inverse < batch * heads * n
+    inverse = jnp.where(taken, self.inverse // n * length + self.inverse % n,
+                        batch * heads * length)
+    return SortedRows(self.source, rows, inverse.astype(jnp.int32))
 
 
 def key_dtype(num_projections: int):

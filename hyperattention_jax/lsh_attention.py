@@ -118,12 +118,14 @@ def lsh_attention(query, key, value, q_pos, k_pos, plan: LshPlan, *, q_offsets, 
     k_map = lsh.row_map(grouped(plan.k_perm), k_offsets, kv_all)
 
     def to_sorted(x, rows: lsh.RowMap, length, padded):
-      flat = lsh.permute(x.reshape(-1, x.shape[-1]), rows.to_sorted, rows.from_sorted)
-      return pad_axis(flat.reshape(batch * groups, x.shape[2], length, x.shape[-1]), padded, 2)
+      return lsh.SortedRows(x.reshape(-1, x.shape[-1]),
+                            rows.to_sorted.reshape(batch * groups, x.shape[2], length),
+                            rows.from_sorted).pad(padded)
 
+    # The queries go to the primitive uncopied (a kernel may read them through the index).
     sorted_q = to_sorted(query, q_map, q_len, nb * bq)
-    sorted_k = to_sorted(key, k_map, kv_len, nb * bk)
-    sorted_v = to_sorted(value, k_map, kv_len, nb * bk)
+    sorted_k = to_sorted(key, k_map, kv_len, nb * bk).materialize()
+    sorted_v = to_sorted(value, k_map, kv_len, nb * bk).materialize()
     sorted_q_pos = pad_axis(lsh.gather(q_pos, plan.q_perm), nb * bq, 2, value=-1)
     sorted_k_pos = pad_axis(lsh.gather(k_pos, plan.k_perm), nb * bk, 2, value=-1)
 

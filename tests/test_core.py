@@ -160,6 +160,31 @@ class LshTest(parameterized.TestCase):
         jax.grad(lambda y: jnp.sum(plain_back(y) * cot_back))(got))
 
 
+  def test_sorted_rows_pad_and_materialize(self):
+    # Rows of a [B=2, n=12, H=3] source in one group of 5 per head (two past the source),
+    # padded to 8: the copy is the padded gather, and so is its gradient.
+    batch, n, heads, d, m = 2, 12, 3, 4, 5
+    keys = jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 3)
+    perm = jax.vmap(lambda k: jax.random.permutation(k, m))(
+        jax.random.split(keys[0], batch * heads)).reshape(batch, 1, heads, m)
+    rows = lsh.row_map(perm, [9], n)
+    x = jax.random.normal(keys[1], (batch * n * heads, d))
+    sorted_rows = lsh.SortedRows(x, rows.to_sorted.reshape(batch, heads, m), rows.from_sorted)
+    self.assertEqual(sorted_rows.shape, (batch, heads, m, d))
+
+    def plain(x):
+      taken = jnp.take(x, rows.to_sorted, axis=0, mode="fill", fill_value=0)
+      return jnp.pad(taken.reshape(batch, heads, m, d), ((0, 0), (0, 0), (0, 3), (0, 0)))
+
+    padded = lambda x: lsh.SortedRows(x, sorted_rows.rows, sorted_rows.inverse).pad(8)
+    np.testing.assert_array_equal(padded(x).materialize(), plain(x))
+    self.assertEqual(padded(x).shape, (batch, heads, 8, d))
+    cot = jax.random.normal(keys[2], (batch, heads, 8, d))
+    chex.assert_trees_all_close(
+        jax.grad(lambda x: jnp.sum(padded(x).materialize() * cot))(x),
+        jax.grad(lambda x: jnp.sum(plain(x) * cot))(x))
+
+
 class SinkAttentionTest(absltest.TestCase):
 
   def test_matches_exact_attention_over_the_first_keys(self):

@@ -23,6 +23,7 @@ import numpy as np
 
 from hyperattention_jax import api
 from hyperattention_jax import core
+from hyperattention_jax import lsh
 from hyperattention_jax.kernels import REGISTRY
 from hyperattention_jax.kernels import mosaic_gpu
 from hyperattention_jax.kernels.testing import random_inputs
@@ -146,6 +147,49 @@ class MosaicGpuKernelTest(parameterized.TestCase):
                                 atol=1e-4, rtol=0)
     chex.assert_trees_all_close(d_scale, same_d_scale, atol=1e-4 * (1 + abs(same_d_scale)),
                                 rtol=0)
+
+  def test_sorted_rows_match_reference(self):
+    """Queries given as lsh.SortedRows (rows of a larger source, padding rows past its end):
+    output, lse and the gradients of the source, k and v match the reference."""
+    seed = _seed(self._testMethodName)
+    inputs = random_inputs(seed, batch=1, q_heads=2, kv_heads=1, num_blocks=2, block_q=128,
+                           block_k=128, dk=64, dv=64, num_extra=64, per_block=False,
+                           dtype=jnp.bfloat16)
+    spec = core.BlockSpec(block_q=128, block_k=128, extra_keys=core.NONLOCAL,
+                          diagonal_keys=core.NONLOCAL)
+    q = inputs.pop("q")
+    k, v = inputs.pop("k"), inputs.pop("v")
+    rng = np.random.default_rng(seed)
+    num_rows = q.size // q.shape[-1]
+    source = jnp.asarray(rng.normal(size=(num_rows + 37, q.shape[-1])), q.dtype)
+    taken = rng.permutation(source.shape[0])[:num_rows]
+    taken[rng.choice(num_rows, 5, replace=False)] = source.shape[0]   # zero rows
+    inverse = np.full(source.shape[0], num_rows, np.int32)
+    valid = taken < source.shape[0]
+    inverse[taken[valid]] = np.nonzero(valid)[0]
+    rows = jnp.asarray(taken.reshape(q.shape[:-1]), jnp.int32)
+    d_out = jnp.asarray(rng.normal(size=q.shape[:-1] + (v.shape[-1],)), q.dtype)
+    d_lse = jnp.asarray(rng.normal(size=q.shape[:-1]), jnp.float32)
+
+    def run(block_attention):
+      def attend(source, k, v):
+        queries = lsh.SortedRows(source, rows, jnp.asarray(inverse))
+        return block_attention(queries, k, v, **inputs, spec=spec, scale=0.125)
+      (out, lse), vjp = jax.vjp(attend, source, k, v)
+      return out, lse, vjp((d_out, d_lse))
+
+    kernel = functools.partial(mosaic_gpu.block_attention, interpret=plgpu.InterpretGPUParams())
+    out, lse, grads = jax.jit(lambda: run(kernel))()
+    ref_out, ref_lse, ref_grads = jax.jit(lambda: run(core.block_attention))()
+    tol = 2e-2
+    chex.assert_trees_all_close(out, ref_out, atol=tol, rtol=tol)
+    chex.assert_trees_all_close(lse, ref_lse, atol=tol, rtol=tol)
+    for grad, ref in zip(grads, ref_grads):
+      chex.assert_tree_all_finite(grad)
+      chex.assert_trees_all_close(*_relative(grad, ref), atol=2 * tol, rtol=0)
+    # Source rows that no query takes get no gradient.
+    untaken = np.setdiff1d(np.arange(source.shape[0]), taken)
+    chex.assert_trees_all_equal(grads[0][untaken], jnp.zeros_like(grads[0][untaken]))
 
   def test_other_tiles(self):
     """Tile sizes other than the defaults (as benchmarks/tune_mosaic_gpu.py tries them)."""
@@ -304,6 +348,28 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
     text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(
         diff, jnp.float32(0.1)).lower(lowering_platforms=("cuda",)).as_text()
     # The forward, dq and dk/dv kernels.
+    self.assertEqual(text.count("custom_call @mosaic_gpu"), 3)
+
+  def test_sorted_rows_lower_for_hopper(self):
+    """Queries given as lsh.SortedRows: the forward kernel reads them through the index
+    (raw row copies, GPU only), and forward and backward lower for sm_90."""
+    inputs = random_inputs(_seed(self._testMethodName), batch=1, q_heads=4, kv_heads=2,
+                           num_blocks=2, block_q=256, block_k=256, dk=128, dv=128,
+                           num_extra=256, per_block=False, dtype=jnp.bfloat16)
+    spec = core.BlockSpec(block_q=256, block_k=256, extra_keys=core.NONLOCAL,
+                          diagonal_keys=core.NONLOCAL)
+    q = inputs.pop("q")
+    perm = jnp.flip(jnp.arange(q.size // q.shape[-1], dtype=jnp.int32))
+
+    k = inputs.pop("k")
+
+    def loss(source, k, inputs):
+      rows = lsh.SortedRows(source, perm.reshape(q.shape[:-1]), jnp.flip(perm))
+      out, _ = mosaic_gpu.block_attention(rows, k, **inputs, spec=spec, scale=0.1)
+      return jnp.sum(out.astype(jnp.float32))
+
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(
+        q.reshape(-1, q.shape[-1]), k, inputs).lower(lowering_platforms=("cuda",)).as_text()
     self.assertEqual(text.count("custom_call @mosaic_gpu"), 3)
 
   def test_row_copies_lower_for_hopper(self):

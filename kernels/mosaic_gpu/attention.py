@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyperattention_jax import core
+from hyperattention_jax import lsh
 from hyperattention_jax.kernels.mosaic_gpu import backward
 from hyperattention_jax.kernels.mosaic_gpu import common
 from hyperattention_jax.kernels.mosaic_gpu import forward
@@ -85,6 +86,37 @@ def _padded_attention_bwd(static, residuals, cotangents):
 _padded_attention.defvjp(_padded_attention_fwd, _padded_attention_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gathered_attention(static, q_source, q_rows, q_inverse, k, v, extra_k, extra_v, extra_bias,
+                        scale, positions):
+  """``_padded_attention`` with the queries read through an index (``lsh.SortedRows``)."""
+  if static.interpret is not None:  # the interpreter cannot run the row copies: copy the rows
+    q = lsh.SortedRows(q_source, q_rows, q_inverse).materialize()
+    ops = _kernel_operands(static, q, k, v, extra_k, extra_v, extra_bias, scale, positions)
+    return forward.forward(ops, static.prob, static.fwd_tiles, interpret=static.interpret)
+  ops = _kernel_operands(static, q_source, k, v, extra_k, extra_v, extra_bias, scale, positions)
+  ops["q_rows"] = q_rows
+  prob = dataclasses.replace(static.prob, q_gathered=True)
+  return forward.forward(ops, prob, static.fwd_tiles)
+
+
+def _gathered_attention_fwd(static, q_source, q_rows, q_inverse, *args):
+  out, lse = _gathered_attention(static, q_source, q_rows, q_inverse, *args)
+  return (out, lse), (q_source, q_rows, q_inverse, *args, out, lse)
+
+
+def _gathered_attention_bwd(static, residuals, cotangents):
+  """The backward kernels on the sorted queries; their gradient goes back through the index."""
+  q_source, q_rows, q_inverse, *rest = residuals
+  q = lsh.SortedRows(q_source, q_rows, q_inverse).materialize()
+  dq, *grads = _padded_attention_bwd(static, (q, *rest), cotangents)
+  dq_source = lsh.take_rows(dq.reshape(-1, dq.shape[-1]), q_inverse)
+  return (dq_source, None, None, *grads)
+
+
+_gathered_attention.defvjp(_gathered_attention_fwd, _gathered_attention_bwd)
+
+
 def _multiples(fwd_tiles, dq_tiles, dkv_tiles):
   """Padding multiples that suit every kernel: query blocks, key blocks, extra sets."""
   lcm = lambda *xs: int(np.lcm.reduce(np.array(xs)))
@@ -114,7 +146,9 @@ def block_attention(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_bl
 
   Args:
     q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_block, extra_bias, spec,
-      scale: as ``hyperattention_jax.core.block_attention``. A causal ``spec`` needs its
+      scale: as ``hyperattention_jax.core.block_attention``. Queries given as
+      ``lsh.SortedRows`` are read row by row through the index on a GPU (no sorted copy;
+      the interpreter gets a copy, under the same gradient). A causal ``spec`` needs its
       blocks in original order (query row i and key row i of a block at the same position,
       as ``local.py`` builds the causal leaves): key tiles after a query tile are skipped.
     interpret: None on a Hopper GPU; a ``plgpu.InterpretGPUParams`` runs the kernels in
@@ -130,6 +164,9 @@ def block_attention(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_bl
       than bfloat16 and float16, head dims other than 64, 128 and 256, positions beyond
       2**24); the dispatcher then falls back to the next implementation.
   """
+  if isinstance(q, lsh.SortedRows) and spec.sequence_major:
+    raise ValueError("queries given as lsh.SortedRows are head-major: "
+                     f"spec.sequence_major={spec.sequence_major} must be False.")
   fwd_tiles, dq_tiles, dkv_tiles = tiles or default_tiles(q.shape[-1], v.shape[-1],
                                                           spec.causal)
   q_multiple, k_multiple, extra_multiple = _multiples(fwd_tiles, dq_tiles, dkv_tiles)
@@ -137,11 +174,16 @@ def block_attention(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_bl
                          k_multiple=k_multiple, extra_multiple=extra_multiple)
   static = _Static(prob=prob, fwd_tiles=fwd_tiles, dq_tiles=dq_tiles, dkv_tiles=dkv_tiles,
                    interpret=interpret)
+  if isinstance(q, lsh.SortedRows) and prob.block_q != spec.block_q:
+    q = q.materialize()  # blocks padded to whole tiles: copy the rows
   padded = layout.pad(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_block, prob)
   positions = {name: padded[name] for name in ("q_pos", "k_pos", "extra_pos", "extra_block")}
-  out, lse = _padded_attention(
-      static, padded["q"], padded["k"], padded["v"], padded["extra_k"], padded["extra_v"],
-      jnp.asarray(extra_bias, jnp.float32), jnp.asarray(scale, jnp.float32), positions)
+  rest = (padded["k"], padded["v"], padded["extra_k"], padded["extra_v"],
+          jnp.asarray(extra_bias, jnp.float32), jnp.asarray(scale, jnp.float32), positions)
+  if isinstance(q, lsh.SortedRows):
+    out, lse = _gathered_attention(static, q.source, q.rows, q.inverse, *rest)
+  else:
+    out, lse = _padded_attention(static, padded["q"], *rest)
   unpad = functools.partial(layout.unpad_blocks, num_blocks=prob.num_blocks,
                             block=spec.block_q, padded=prob.block_q)
   return unpad(out, axis=prob.seq_axis), unpad(lse)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hyperattention_jax.kernels.mosaic_gpu import common
+from hyperattention_jax.kernels.mosaic_gpu import rows as row_copies
 from hyperattention_jax.kernels.mosaic_gpu.common import COL, NEG_BIG, ROW, col_vec, row_vec
 from hyperattention_jax.kernels.mosaic_gpu.layout import BIAS, ROWS_PER_WG, Operands, Problem
 
@@ -42,6 +43,8 @@ def smem_bytes(prob: Problem, tiles: common.Tiles, buffers: int = 1) -> int:
     total += buffers * nw * ROWS_PER_WG * prob.dv * item       # o
   total += s * tk * (prob.dk + prob.dv) * item                 # k, v ring
   total += s * prob.meta_rows * tk * 4 + buffers * nw * ROWS_PER_WG * 4 * 3
+  if prob.q_gathered:  # row indices of two tiles, raw barriers
+    total += 2 * nw * ROWS_PER_WG * 4 + buffers * nw * 8
   return total
 
 
@@ -69,11 +72,17 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
   f32 = jnp.float32
   needs_pos = prob.needs_positions
   ping_pong = nw == 2
+  gathered = prob.q_gathered  # q is rows [R, dk] read through ops["q_rows"]
 
   def kernel(q_ref, k_ref, v_ref, kmeta_ref, xk_ref, xv_ref, xmeta_ref, qpos_ref, coef_ref,
-             dlive_ref, xlive_ref, o_ref, lse_ref, buffers, barriers):
-    q_smem, o_smem, k_smem, v_smem, meta_smem, qpos_smem, coef_smem, lse_smem = buffers
-    q_bar, k_bar, v_bar, k_free, v_free, turn = barriers
+             dlive_ref, xlive_ref, *rest):
+    *qrows_ref, o_ref, lse_ref, buffers, barriers = rest  # qrows_ref: [q_rows] if gathered
+    (q_smem, o_smem, k_smem, v_smem, meta_smem, qpos_smem, coef_smem, lse_smem,
+     gather) = buffers
+    q_bar, k_bar, v_bar, k_free, v_free, turn, index_bar = barriers
+    if gathered:  # the tile's tiled view, its raw view, row indices, raw barriers
+      (q_smem, q_raw), index_smem, rows_bar = q_smem, *gather
+      row_copies.init_barriers(rows_bar)
 
     def tile_of(t):  # the CTA's t-th query tile
       return common.cta_tile(common.axis("tile"), t, span, tiles_per_block,
@@ -102,11 +111,23 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       def rows_of(t):
         return pl.ds(tile_of(t) * cta_rows + wg * rows, rows)
 
+      def load_index(t):  # tile t's row indices, into index buffer t % 2
+        which = lax.rem(t, 2)
+        plgpu.copy_gmem_to_smem(qrows_ref[0].at[batch, head, rows_of(t)], index_smem.at[which, wg],
+                                index_bar.at[which * nw + wg])
+
       def load_queries(t):
         buf = lax.rem(t, nbuf)
         bar = q_bar.at[buf * nw + wg]
-        plgpu.copy_gmem_to_smem(prob.rows_of(q_ref, batch, head, rows_of(t)), q_smem.at[buf, wg],
-                                bar)
+        if gathered:  # row by row through the indices, then the indices of tile t + 2
+          which = lax.rem(t, 2)
+          plgpu.barrier_wait(index_bar.at[which * nw + wg])
+          row_copies.copy_rows(q_ref, index_smem.at[which, wg], q_raw.at[buf, wg], rows_bar,
+                               buf * nw + wg, num_rows=rows, dim=prob.dk, itemsize=dtype.itemsize)
+          pl.when(t + 2 < span)(lambda: load_index(t + 2))
+        else:
+          plgpu.copy_gmem_to_smem(prob.rows_of(q_ref, batch, head, rows_of(t)),
+                                  q_smem.at[buf, wg], bar)
         plgpu.copy_gmem_to_smem(coef_ref.at[0, pl.ds(0, rows)], coef_smem.at[buf, wg], bar)
         if needs_pos:
           plgpu.copy_gmem_to_smem(qpos_ref.at[batch, head, rows_of(t)], qpos_smem.at[buf, wg],
@@ -118,6 +139,8 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
         cta, buf = cta_of(t), lax.rem(t, nbuf)
         q_tile = q_smem.at[buf, wg]
         plgpu.barrier_wait(q_bar.at[buf * nw + wg])
+        if gathered:  # the (t // nbuf)-th use of the buffer's raw barrier
+          row_copies.wait(rows_bar, buf * nw + wg, lax.rem(lax.div(t, nbuf), 2))
         coef = plgpu.load(coef_smem.at[buf, wg], layout=ROW)
         q_pos = plgpu.load(qpos_smem.at[buf, wg], layout=ROW) if needs_pos else None
 
@@ -193,6 +216,9 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
 
         return run_tile(t, offset)
 
+      if gathered:
+        load_index(0)
+        pl.when(span > 1)(lambda: load_index(1))
       load_queries(0)
       if ping_pong:
         pl.when(wg == 1)(take_turn)
@@ -202,8 +228,10 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       plgpu.wait_smem_to_gmem(0)
 
   transforms = common.smem_transforms(dtype)
+  q_tiles = plgpu.SMEM((nbuf, nw, rows, prob.dk), dtype, transforms=transforms)
   buffers = (
-      plgpu.SMEM((nbuf, nw, rows, prob.dk), dtype, transforms=transforms),
+      plgpu.RefUnion(q_tiles, row_copies.raw_view((nbuf, nw, rows, prob.dk), dtype))
+      if gathered else q_tiles,
       None if prob.dk == prob.dv else plgpu.SMEM((nbuf, nw, rows, prob.dv), dtype,
                                                   transforms=transforms),
       plgpu.SMEM((stages, tk, prob.dk), dtype, transforms=transforms),
@@ -212,14 +240,18 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       plgpu.SMEM((nbuf, nw, rows), f32) if needs_pos else None,
       plgpu.SMEM((nbuf, nw, rows), f32),
       plgpu.SMEM((nbuf, nw, rows), f32),
+      (plgpu.SMEM((2, nw, rows), jnp.int32), row_copies.barrier_memory(nbuf * nw))
+      if gathered else None,
   )
   barriers = (
-      plgpu.Barrier(num_arrivals=2 + needs_pos, num_barriers=nbuf * nw),  # q, coef (, positions)
+      # q (unless gathered: then its raw barrier), coef (, positions)
+      plgpu.Barrier(num_arrivals=2 - gathered + needs_pos, num_barriers=nbuf * nw),
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),           # k and its meta
       plgpu.Barrier(num_barriers=stages),                           # v
       plgpu.Barrier(num_arrivals=nw, num_barriers=stages),          # k slot free
       plgpu.Barrier(num_arrivals=nw, num_barriers=stages),          # v slot free
       plgpu.Barrier(num_arrivals=2) if ping_pong else None,         # compute turn
+      plgpu.Barrier(num_barriers=2 * nw) if gathered else None,     # row indices
   )
 
   out_type = (jax.ShapeDtypeStruct(prob.rows_shape(prob.q_heads, prob.q_len, prob.dv), dtype),
@@ -229,4 +261,5 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       grid=(prob.num_blocks * tiles_per_block // span, prob.q_heads, prob.batch), compute_wgs=nw,
       interpret=interpret,
   )(ops["q"], ops["k"], ops["v"], ops["k_meta"], ops["extra_k"], ops["extra_v"],
-    ops["extra_meta"], ops["q_pos"], ops["coef"], ops["diag_live"], ops["extra_live"])
+    ops["extra_meta"], ops["q_pos"], ops["coef"], ops["diag_live"], ops["extra_live"],
+    *([ops["q_rows"]] if gathered else []))

@@ -55,6 +55,9 @@ class Problem:
     exclude_in_kernel: shared extra keys whose block equals the query's block are dropped in
       the kernel (only for one set shared by several blocks; otherwise folded in BIAS).
     dtype: dtype of q, k and v.
+    q_gathered: the forward kernel reads the query rows through an index (``q`` is then the
+      sequence-major source seen as rows ``[R, dk]`` and ``q_rows [B, Hq, Nq]`` int32 holds
+      the source row of each sorted query row, ``R`` or more for padding).
   """
 
   batch: int
@@ -71,6 +74,7 @@ class Problem:
   spec: core.BlockSpec
   exclude_in_kernel: bool
   dtype: np.dtype
+  q_gathered: bool = False
 
   @property
   def groups(self) -> int:

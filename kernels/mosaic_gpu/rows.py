@@ -1,0 +1,131 @@
+"""Rows read through an index inside a kernel: one bulk copy per 64-column half-row.
+
+The LSH pieces read q (and k, v) in sorted order. Instead of an XLA gather that writes a
+sorted copy, a kernel can copy each row straight from the sequence-major source into its
+shared-memory tile: a bulk (TMA) copy of one row's 64 columns (128 bytes, the swizzle width)
+into the raw ``(rows / 8, d / 64, 8, 64)`` view of a 128-byte-swizzled tile lands where
+wgmma expects it (``benchmarks/bench_row_copies.py`` checks this on a GPU, bit for bit).
+
+Pallas' ``plgpu.copy_gmem_to_smem`` synchronises the warpgroup and arrives on the barrier
+from every thread for each copy, which is far too slow for one copy per half-row, so the
+copies are raw Mosaic GPU code (``plgpu.inline_mgpu``): every thread of a warpgroup issues
+some of them, and one thread announces the tile's bytes on a barrier that the raw code owns
+(a Pallas barrier cannot be handed to raw code). Such barriers live in a ``uint64`` shared
+array, are set up by ``init_barriers`` before the warpgroups split, and are awaited with an
+explicit parity (``wait``): the ``u``-th completion of a barrier has parity ``u % 2``.
+
+None of this runs in the CPU interpreter; there the caller gathers the rows in XLA instead.
+"""
+
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith
+from jax._src.lib.mlir.dialects import llvm
+from jax._src.lib.mlir.dialects import memref
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+HALF = 64                       # columns per copy (16-bit dtypes: 128 bytes)
+WARPGROUP = 128                 # threads that issue a tile's copies
+_SCALAR = plgpu.Layout.WGMMA    # placeholder type of scalar arguments (ignored for 0-d values)
+
+
+def raw_view(shape, dtype):
+  """The raw ``(*lead, rows / 8, d / HALF, 8, HALF)`` view of swizzled ``(*lead, rows, d)``
+  tiles, as ``plgpu.SMEM``; allocate it in a ``plgpu.RefUnion`` with the tiled view."""
+  *lead, rows, dim = shape
+  return plgpu.SMEM((*lead, rows // 8, dim // HALF, 8, HALF), dtype,
+                    transforms=(plgpu.SwizzleTransform(128),))
+
+
+def barrier_memory(num_barriers: int):
+  """Shared memory for ``num_barriers`` raw barriers."""
+  return plgpu.SMEM((num_barriers,), jnp.uint64)
+
+
+def _value(x):
+  """A scalar argument as an MLIR value (raw code receives it as a splat array)."""
+  return x.registers.item() if hasattr(x, "registers") else x
+
+
+def _index(x):
+  index = ir.IndexType.get()
+  x = _value(x)
+  return x if x.type == index else arith.index_cast(index, x)
+
+
+def _barriers(mem) -> mgpu_utils.BarrierRef:
+  """A view of already initialised raw barriers (the phase register is unused: waits take
+  an explicit parity)."""
+  i32 = ir.IntegerType.get_signless(32)
+  phases = memref.alloca(ir.MemRefType.get((), i32), [], [])
+  num = ir.MemRefType(mem.type).shape[0]
+  return mgpu_utils.BarrierRef(mgpu_utils.memref_ptr(mem), mgpu_utils.c(0, i32), phases, num)
+
+
+def init_barriers(mem_ref):
+  """Initialises the raw barriers in ``mem_ref`` (one arrival each) for the whole CTA.
+
+  Call it from every thread of the CTA before the warpgroups take their own branches.
+  """
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+  def _init(ctx, mem):
+    del ctx
+    mgpu_utils.BarrierRef.initialize(mem, arrival_count=1)
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.mbarrier_init.release.cluster;",
+                    "", has_side_effects=True)
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "bar.sync 0;", "", has_side_effects=True)
+
+  _init(mem_ref)
+
+
+def copy_rows(src_ref, index_ref, dst_ref, barrier_ref, barrier, *, num_rows: int, dim: int,
+              itemsize: int):
+  """Starts the copies of ``num_rows`` rows of ``src_ref`` into one tile, from one warpgroup.
+
+  Args:
+    src_ref: ``[R, dim]`` rows in GMEM; an index at or past ``R`` reads zeros.
+    index_ref: ``[num_rows]`` int32 row indices in SMEM.
+    dst_ref: the tile's raw view ``[num_rows / 8, dim / HALF, 8, HALF]`` (``raw_view``).
+    barrier_ref: the raw barriers' memory; ``barrier`` (int32 scalar) the one to complete.
+    num_rows, dim, itemsize: the tile's shape and the element size in bytes.
+  """
+  halves = dim // HALF
+  copies = num_rows * halves
+  per_thread = -(-copies // WARPGROUP)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(),
+                                plgpu.RefType((plgpu.SwizzleTransform(128),)), plgpu.RefType(),
+                                _SCALAR))
+  def _copy(ctx, src, idx, dst, mem, which):
+    index = ir.IndexType.get()
+    c = mgpu_utils.c
+    bar = _barriers(mem)[_index(which)]
+    tid = arith.remui(_index(mgpu_utils.thread_idx()), c(WARPGROUP, index))
+    for j in range(per_thread):
+      copy = arith.addi(arith.muli(tid, c(per_thread, index)), c(j, index))
+      active = arith.cmpi(arith.CmpIPredicate.ult, copy, c(copies, index))
+      copy = arith.select(active, copy, c(0, index))
+      r, h = arith.divui(copy, c(halves, index)), arith.remui(copy, c(halves, index))
+      row = _index(memref.load(idx, [r]))
+      tile = mgpu_utils.memref_slice(dst, (arith.divui(r, c(8, index)), h,
+                                           mgpu_utils.ds(arith.remui(r, c(8, index)), 1)))
+      ctx.async_copy(src_ref=src, dst_ref=tile,
+                     gmem_slice=(mgpu_utils.ds(row, 1),
+                                 mgpu_utils.ds(arith.muli(h, c(HALF, index)), HALF)),
+                     swizzle=128, barrier=bar, arrive=False, predicate=active)
+    bar.arrive_expect_tx(num_rows * dim * itemsize, predicate=mgpu_utils.single_thread_predicate(
+        mgpu_utils.ThreadSubset.WARPGROUP))
+
+  _copy(src_ref, index_ref, dst_ref, barrier_ref, barrier)
+
+
+def wait(barrier_ref, barrier, parity):
+  """Waits for raw barrier ``barrier`` (int32 scalar) to complete the phase of ``parity``."""
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), _SCALAR, _SCALAR))
+  def _wait(ctx, mem, which, par):
+    del ctx
+    i1 = ir.IntegerType.get_signless(1)
+    _barriers(mem)[_index(which)].wait_parity(arith.trunci(i1, _value(par)))
+
+  _wait(barrier_ref, barrier, parity)
