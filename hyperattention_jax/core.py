@@ -37,9 +37,9 @@ public layout, so callers need no head-major copies); everything else keeps its 
 Implementations that read only the head-major layout take such calls through
 ``head_major``.
 
-q may also be an ``lsh.SortedRows`` (head-major, not sequence-major): the sorted rows of the
-caller's array, not copied yet. The Mosaic GPU kernels read them through the index; the
-other implementations copy them first (``head_major`` does).
+q, and k and v together, may also be ``lsh.SortedRows`` (head-major, not sequence-major):
+the sorted rows of the caller's arrays, not copied yet. The Mosaic GPU forward kernel reads
+them through the index; the other implementations copy them first (``head_major`` does).
 """
 
 import dataclasses
@@ -141,8 +141,8 @@ def head_major(block_attention_fn):
 
   @functools.wraps(block_attention_fn)
   def wrapped(q, k, v, *args, spec: BlockSpec, **kwargs):
-    if isinstance(q, lsh.SortedRows):  # rows not copied yet: these implementations need them
-      q = q.materialize()
+    # Rows not copied yet (lsh.SortedRows): these implementations need the copies.
+    q, k, v = (x.materialize() if isinstance(x, lsh.SortedRows) else x for x in (q, k, v))
     if not spec.sequence_major:
       return block_attention_fn(q, k, v, *args, spec=spec, **kwargs)
     swap = lambda x: jnp.swapaxes(x, 1, 2)

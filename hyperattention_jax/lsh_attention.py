@@ -122,10 +122,10 @@ def lsh_attention(query, key, value, q_pos, k_pos, plan: LshPlan, *, q_offsets, 
                             rows.to_sorted.reshape(batch * groups, x.shape[2], length),
                             rows.from_sorted).pad(padded)
 
-    # The queries go to the primitive uncopied (a kernel may read them through the index).
+    # The rows go to the primitive uncopied (a kernel may read them through the index).
     sorted_q = to_sorted(query, q_map, q_len, nb * bq)
-    sorted_k = to_sorted(key, k_map, kv_len, nb * bk).materialize()
-    sorted_v = to_sorted(value, k_map, kv_len, nb * bk).materialize()
+    sorted_k = to_sorted(key, k_map, kv_len, nb * bk)
+    sorted_v = to_sorted(value, k_map, kv_len, nb * bk)
     sorted_q_pos = pad_axis(lsh.gather(q_pos, plan.q_perm), nb * bq, 2, value=-1)
     sorted_k_pos = pad_axis(lsh.gather(k_pos, plan.k_perm), nb * bk, 2, value=-1)
 

@@ -148,35 +148,47 @@ class MosaicGpuKernelTest(parameterized.TestCase):
     chex.assert_trees_all_close(d_scale, same_d_scale, atol=1e-4 * (1 + abs(same_d_scale)),
                                 rtol=0)
 
-  def test_sorted_rows_match_reference(self):
-    """Queries given as lsh.SortedRows (rows of a larger source, padding rows past its end):
-    output, lse and the gradients of the source, k and v match the reference."""
-    seed = _seed(self._testMethodName)
+  @parameterized.parameters(("q",), ("kv",), ("qkv",))
+  def test_sorted_rows_match_reference(self, which):
+    """q, or k and v, given as lsh.SortedRows (rows of a larger source, some past its end):
+    output, lse and the gradients of the sources match the reference."""
+    seed = _seed(self._testMethodName + which)
     inputs = random_inputs(seed, batch=1, q_heads=2, kv_heads=1, num_blocks=2, block_q=128,
                            block_k=128, dk=64, dv=64, num_extra=64, per_block=False,
                            dtype=jnp.bfloat16)
     spec = core.BlockSpec(block_q=128, block_k=128, extra_keys=core.NONLOCAL,
                           diagonal_keys=core.NONLOCAL)
-    q = inputs.pop("q")
-    k, v = inputs.pop("k"), inputs.pop("v")
     rng = np.random.default_rng(seed)
-    num_rows = q.size // q.shape[-1]
-    source = jnp.asarray(rng.normal(size=(num_rows + 37, q.shape[-1])), q.dtype)
-    taken = rng.permutation(source.shape[0])[:num_rows]
-    taken[rng.choice(num_rows, 5, replace=False)] = source.shape[0]   # zero rows
-    inverse = np.full(source.shape[0], num_rows, np.int32)
-    valid = taken < source.shape[0]
-    inverse[taken[valid]] = np.nonzero(valid)[0]
-    rows = jnp.asarray(taken.reshape(q.shape[:-1]), jnp.int32)
-    d_out = jnp.asarray(rng.normal(size=q.shape[:-1] + (v.shape[-1],)), q.dtype)
-    d_lse = jnp.asarray(rng.normal(size=q.shape[:-1]), jnp.float32)
+
+    def sorted_rows(x):  # x's rows taken from a shuffled, larger source
+      num_rows = x.size // x.shape[-1]
+      source = jnp.asarray(rng.normal(size=(num_rows + 37, x.shape[-1])), x.dtype)
+      taken = rng.permutation(source.shape[0])[:num_rows]
+      taken[rng.choice(num_rows, 5, replace=False)] = source.shape[0]   # zero rows
+      inverse = np.full(source.shape[0], num_rows, np.int32)
+      inverse[taken[taken < source.shape[0]]] = np.nonzero(taken < source.shape[0])[0]
+      return source, jnp.asarray(taken.reshape(x.shape[:-1]), jnp.int32), jnp.asarray(inverse)
+
+    q_rows = sorted_rows(inputs["q"]) if "q" in which else None
+    k_rows = sorted_rows(inputs["k"]) if "kv" in which else None
+    v_source = (jnp.asarray(rng.normal(size=k_rows[0].shape), inputs["v"].dtype)
+                if k_rows else None)
+    diff = dict(q=q_rows[0] if q_rows else inputs["q"], k=k_rows[0] if k_rows else inputs["k"],
+                v=v_source if k_rows else inputs["v"])
+    fixed = {n: x for n, x in inputs.items() if n not in diff}
+    shape = inputs["q"].shape[:-1]
+    d_out = jnp.asarray(rng.normal(size=shape + (inputs["v"].shape[-1],)), jnp.bfloat16)
+    d_lse = jnp.asarray(rng.normal(size=shape), jnp.float32)
 
     def run(block_attention):
-      def attend(source, k, v):
-        queries = lsh.SortedRows(source, rows, jnp.asarray(inverse))
-        return block_attention(queries, k, v, **inputs, spec=spec, scale=0.125)
-      (out, lse), vjp = jax.vjp(attend, source, k, v)
-      return out, lse, vjp((d_out, d_lse))
+      def attend(diff):
+        q = lsh.SortedRows(diff["q"], *q_rows[1:]) if q_rows else diff["q"]
+        k, v = diff["k"], diff["v"]
+        if k_rows:
+          k, v = (lsh.SortedRows(x, *k_rows[1:]) for x in (k, v))
+        return block_attention(q, k, v, **fixed, spec=spec, scale=0.125)
+      (out, lse), vjp = jax.vjp(attend, diff)
+      return out, lse, vjp((d_out, d_lse))[0]
 
     kernel = functools.partial(mosaic_gpu.block_attention, interpret=plgpu.InterpretGPUParams())
     out, lse, grads = jax.jit(lambda: run(kernel))()
@@ -184,12 +196,14 @@ class MosaicGpuKernelTest(parameterized.TestCase):
     tol = 2e-2
     chex.assert_trees_all_close(out, ref_out, atol=tol, rtol=tol)
     chex.assert_trees_all_close(lse, ref_lse, atol=tol, rtol=tol)
-    for grad, ref in zip(grads, ref_grads):
-      chex.assert_tree_all_finite(grad)
-      chex.assert_trees_all_close(*_relative(grad, ref), atol=2 * tol, rtol=0)
-    # Source rows that no query takes get no gradient.
-    untaken = np.setdiff1d(np.arange(source.shape[0]), taken)
-    chex.assert_trees_all_equal(grads[0][untaken], jnp.zeros_like(grads[0][untaken]))
+    for name in diff:
+      with self.subTest(name):
+        chex.assert_tree_all_finite(grads[name])
+        chex.assert_trees_all_close(*_relative(grads[name], ref_grads[name]), atol=2 * tol,
+                                    rtol=0)
+    if q_rows:  # source rows that no query takes get no gradient
+      untaken = np.setdiff1d(np.arange(q_rows[0].shape[0]), np.asarray(q_rows[1]))
+      chex.assert_trees_all_equal(grads["q"][untaken], jnp.zeros_like(grads["q"][untaken]))
 
   def test_other_tiles(self):
     """Tile sizes other than the defaults (as benchmarks/tune_mosaic_gpu.py tries them)."""
@@ -351,7 +365,7 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
     self.assertEqual(text.count("custom_call @mosaic_gpu"), 3)
 
   def test_sorted_rows_lower_for_hopper(self):
-    """Queries given as lsh.SortedRows: the forward kernel reads them through the index
+    """q, k and v given as lsh.SortedRows: the forward kernel reads them through the index
     (raw row copies, GPU only), and forward and backward lower for sm_90."""
     inputs = random_inputs(_seed(self._testMethodName), batch=1, q_heads=4, kv_heads=2,
                            num_blocks=2, block_q=256, block_k=256, dk=128, dv=128,
@@ -363,9 +377,14 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
 
     k = inputs.pop("k")
 
+    v = inputs.pop("v")
+
     def loss(source, k, inputs):
       rows = lsh.SortedRows(source, perm.reshape(q.shape[:-1]), jnp.flip(perm))
-      out, _ = mosaic_gpu.block_attention(rows, k, **inputs, spec=spec, scale=0.1)
+      k_perm = jnp.arange(k.size // k.shape[-1], dtype=jnp.int32)
+      k_rows, v_rows = (lsh.SortedRows(x.reshape(-1, x.shape[-1]), k_perm.reshape(k.shape[:-1]),
+                                       k_perm) for x in (k, v))
+      out, _ = mosaic_gpu.block_attention(rows, k_rows, v_rows, **inputs, spec=spec, scale=0.1)
       return jnp.sum(out.astype(jnp.float32))
 
     text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(

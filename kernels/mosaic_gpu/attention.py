@@ -86,32 +86,47 @@ def _padded_attention_bwd(static, residuals, cotangents):
 _padded_attention.defvjp(_padded_attention_fwd, _padded_attention_bwd)
 
 
+def _dense(x):
+  return x.materialize() if isinstance(x, lsh.SortedRows) else x
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gathered_attention(static, q_source, q_rows, q_inverse, k, v, extra_k, extra_v, extra_bias,
-                        scale, positions):
-  """``_padded_attention`` with the queries read through an index (``lsh.SortedRows``)."""
+def _gathered_attention(static, q, k, v, extra_k, extra_v, extra_bias, scale, positions):
+  """``_padded_attention`` with q, or k and v, or all three given as ``lsh.SortedRows``: the
+  forward kernel reads their rows through the index."""
   if static.interpret is not None:  # the interpreter cannot run the row copies: copy the rows
-    q = lsh.SortedRows(q_source, q_rows, q_inverse).materialize()
-    ops = _kernel_operands(static, q, k, v, extra_k, extra_v, extra_bias, scale, positions)
+    ops = _kernel_operands(static, _dense(q), _dense(k), _dense(v), extra_k, extra_v,
+                           extra_bias, scale, positions)
     return forward.forward(ops, static.prob, static.fwd_tiles, interpret=static.interpret)
-  ops = _kernel_operands(static, q_source, k, v, extra_k, extra_v, extra_bias, scale, positions)
-  ops["q_rows"] = q_rows
-  prob = dataclasses.replace(static.prob, q_gathered=True)
+  source = lambda x: x.source if isinstance(x, lsh.SortedRows) else x
+  ops = _kernel_operands(static, source(q), source(k), source(v), extra_k, extra_v, extra_bias,
+                         scale, positions)
+  q_gathered, kv_gathered = isinstance(q, lsh.SortedRows), isinstance(k, lsh.SortedRows)
+  if q_gathered:
+    ops["q_rows"] = q.rows
+  if kv_gathered:
+    ops["k_rows"] = k.rows
+  prob = dataclasses.replace(static.prob, q_gathered=q_gathered, kv_gathered=kv_gathered)
   return forward.forward(ops, prob, static.fwd_tiles)
 
 
-def _gathered_attention_fwd(static, q_source, q_rows, q_inverse, *args):
-  out, lse = _gathered_attention(static, q_source, q_rows, q_inverse, *args)
-  return (out, lse), (q_source, q_rows, q_inverse, *args, out, lse)
+def _gathered_attention_fwd(static, q, k, v, *args):
+  out, lse = _gathered_attention(static, q, k, v, *args)
+  return (out, lse), (q, k, v, *args, out, lse)
 
 
 def _gathered_attention_bwd(static, residuals, cotangents):
-  """The backward kernels on the sorted queries; their gradient goes back through the index."""
-  q_source, q_rows, q_inverse, *rest = residuals
-  q = lsh.SortedRows(q_source, q_rows, q_inverse).materialize()
-  dq, *grads = _padded_attention_bwd(static, (q, *rest), cotangents)
-  dq_source = lsh.take_rows(dq.reshape(-1, dq.shape[-1]), q_inverse)
-  return (dq_source, None, None, *grads)
+  """The backward kernels on the sorted rows; their gradients go back through the index."""
+  q, k, v, *rest = residuals
+  grads = _padded_attention_bwd(static, (_dense(q), _dense(k), _dense(v), *rest), cotangents)
+
+  def back(x, grad):  # the gradient of the source rows: a gather by the inverse map
+    if not isinstance(x, lsh.SortedRows):
+      return grad
+    d_source = lsh.take_rows(grad.reshape(-1, grad.shape[-1]), x.inverse)
+    return lsh.SortedRows(d_source, None, None)
+
+  return (*(back(x, g) for x, g in zip((q, k, v), grads[:3])), *grads[3:])
 
 
 _gathered_attention.defvjp(_gathered_attention_fwd, _gathered_attention_bwd)
@@ -164,8 +179,11 @@ def block_attention(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_bl
       than bfloat16 and float16, head dims other than 64, 128 and 256, positions beyond
       2**24); the dispatcher then falls back to the next implementation.
   """
-  if isinstance(q, lsh.SortedRows) and spec.sequence_major:
-    raise ValueError("queries given as lsh.SortedRows are head-major: "
+  if isinstance(k, lsh.SortedRows) != isinstance(v, lsh.SortedRows):
+    raise ValueError("k and v must both be lsh.SortedRows or both arrays; got "
+                     f"{type(k).__name__} and {type(v).__name__}.")
+  if any(isinstance(x, lsh.SortedRows) for x in (q, k)) and spec.sequence_major:
+    raise ValueError("rows given as lsh.SortedRows are head-major: "
                      f"spec.sequence_major={spec.sequence_major} must be False.")
   fwd_tiles, dq_tiles, dkv_tiles = tiles or default_tiles(q.shape[-1], v.shape[-1],
                                                           spec.causal)
@@ -174,16 +192,18 @@ def block_attention(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_bl
                          k_multiple=k_multiple, extra_multiple=extra_multiple)
   static = _Static(prob=prob, fwd_tiles=fwd_tiles, dq_tiles=dq_tiles, dkv_tiles=dkv_tiles,
                    interpret=interpret)
-  if isinstance(q, lsh.SortedRows) and prob.block_q != spec.block_q:
-    q = q.materialize()  # blocks padded to whole tiles: copy the rows
+  if prob.block_q != spec.block_q:  # blocks padded to whole tiles: copy the rows
+    q = _dense(q)
+  if prob.block_k != spec.block_k:
+    k, v = _dense(k), _dense(v)
   padded = layout.pad(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_block, prob)
   positions = {name: padded[name] for name in ("q_pos", "k_pos", "extra_pos", "extra_block")}
-  rest = (padded["k"], padded["v"], padded["extra_k"], padded["extra_v"],
+  args = (padded["q"], padded["k"], padded["v"], padded["extra_k"], padded["extra_v"],
           jnp.asarray(extra_bias, jnp.float32), jnp.asarray(scale, jnp.float32), positions)
-  if isinstance(q, lsh.SortedRows):
-    out, lse = _gathered_attention(static, q.source, q.rows, q.inverse, *rest)
+  if any(isinstance(x, lsh.SortedRows) for x in (q, k)):
+    out, lse = _gathered_attention(static, *args)
   else:
-    out, lse = _padded_attention(static, padded["q"], *rest)
+    out, lse = _padded_attention(static, *args)
   unpad = functools.partial(layout.unpad_blocks, num_blocks=prob.num_blocks,
                             block=spec.block_q, padded=prob.block_q)
   return unpad(out, axis=prob.seq_axis), unpad(lse)

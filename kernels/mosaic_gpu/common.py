@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hyperattention_jax import core
+from hyperattention_jax.kernels.mosaic_gpu import rows as row_copies
 from hyperattention_jax.kernels.mosaic_gpu.layout import (ROWS_PER_WG, Problem, round_up,
                                                        unsupported)
 
@@ -415,8 +416,29 @@ def produce(fetch, free, *, num_steps, stages: int):
   _drain(free, num_steps=num_steps, stages=stages)
 
 
+class KeyRows(NamedTuple):
+  """What a memory warpgroup needs to bring diagonal keys row by row (``rows.py``).
+
+  Attributes:
+    index: ``[B, Hk, Nk]`` int32 in GMEM: the source row of each sorted key.
+    index_smem: ``[2, block_k]`` int32: the indices of a tile's block (two tiles in flight).
+    index_bar: two barriers for them.
+    raw: the raw views of the k and v rings (``rows.raw_view``).
+    barrier_mem: the raw barriers; ``first + which * num_stages + slot`` completes operand
+      ``which`` (0: k, 1: v) of ring slot ``slot``, once per pipeline step.
+    first: see ``barrier_mem``.
+  """
+
+  index: Any
+  index_smem: Any
+  index_bar: Any
+  raw: Any
+  barrier_mem: Any
+  first: int
+
+
 def stream_keys(cta_of, num_tiles: int, prob: Problem, tiles: Tiles, key_refs, extra_refs,
-                buffers, ready, free):
+                buffers, ready, free, key_rows: KeyRows | None = None):
   """The memory warpgroup of a key-streaming kernel (forward, dq).
 
   The key streams of query tiles ``cta_of(0) .. cta_of(num_tiles - 1)`` run one after
@@ -435,20 +457,40 @@ def stream_keys(cta_of, num_tiles: int, prob: Problem, tiles: Tiles, key_refs, e
       unused when there are no extra keys.
     buffers: shared-memory rings ``k [S, tk, dk]``, ``v [S, tk, dv]``, ``meta [S, R, tk]``.
     ready, free: ``(k, v)`` barrier arrays of ``num_stages`` barriers each.
+    key_rows: with ``prob.kv_gathered``, how the diagonal keys are read through their index
+      (``key_refs``' k and v are then source rows ``[R, d]``); each step also completes the
+      raw barriers of its slot.
   """
   k_smem, v_smem, meta_smem = buffers
   key_tile, stages = tiles.key_tile, tiles.num_stages
   has_extra = bool(prob.num_extra // key_tile)
 
-  def fetch_of(cta, step, slot, which):
+  def raw_barrier(slot, which):
+    return key_rows.first + which * stages + slot
+
+  def fetch_index(t):  # the indices of tile t's diagonal block
+    cta = cta_of(t)
+    plgpu.copy_gmem_to_smem(
+        key_rows.index.at[cta.batch, cta.kv_head, pl.ds(cta.block * prob.block_k, prob.block_k)],
+        key_rows.index_smem.at[lax.rem(t, 2)], key_rows.index_bar.at[lax.rem(t, 2)])
+
+  def fetch_of(cta, t, step, slot, which):
     batch, kv_head, num_diagonal = cta.batch, cta.kv_head, cta.num_diagonal
     first_key = cta.block * prob.block_k
 
     @pl.when(step < num_diagonal)
     def _diagonal():
       keys = pl.ds(first_key + step * key_tile, key_tile)
-      plgpu.copy_gmem_to_smem(prob.rows_of(key_refs[which], batch, kv_head, keys),
-                              (k_smem, v_smem)[which].at[slot], ready[which].at[slot])
+      if key_rows is None:
+        plgpu.copy_gmem_to_smem(prob.rows_of(key_refs[which], batch, kv_head, keys),
+                                (k_smem, v_smem)[which].at[slot], ready[which].at[slot])
+      else:  # row by row; an arrival stands in for the bulk copy's
+        index = key_rows.index_smem.at[lax.rem(t, 2), pl.ds(step * key_tile, key_tile)]
+        dim = (prob.dk, prob.dv)[which]
+        row_copies.copy_rows(key_refs[which], index, key_rows.raw[which].at[slot],
+                             key_rows.barrier_mem, raw_barrier(slot, which), num_rows=key_tile,
+                             dim=dim, itemsize=prob.dtype.itemsize)
+        plgpu.barrier_arrive(ready[which].at[slot])
       if which == 0:
         plgpu.copy_gmem_to_smem(key_refs[2].at[batch, kv_head, :, keys], meta_smem.at[slot],
                                 ready[0].at[slot])
@@ -464,12 +506,19 @@ def stream_keys(cta_of, num_tiles: int, prob: Problem, tiles: Tiles, key_refs, e
       if which == 0:
         plgpu.copy_gmem_to_smem(extra_refs[2].at[batch, kv_head, cta.set_idx, :, keys],
                                 meta_smem.at[slot], ready[0].at[slot])
+      if key_rows is not None:  # the raw barrier completes on every step
+        row_copies.arrive(key_rows.barrier_mem, raw_barrier(slot, which))
 
   def tile_stream(t, first):
     cta = cta_of(t)
-    _feed(functools.partial(fetch_of, cta), free, first=first, num_steps=cta.num_steps,
+    if key_rows is not None:  # this tile's indices are in; fetch the next tile's
+      plgpu.barrier_wait(key_rows.index_bar.at[lax.rem(t, 2)])
+      pl.when(t + 1 < num_tiles)(lambda: fetch_index(t + 1))
+    _feed(functools.partial(fetch_of, cta, t), free, first=first, num_steps=cta.num_steps,
           stages=stages)
     return first + cta.num_steps
 
+  if key_rows is not None:
+    fetch_index(0)
   num_steps = lax.fori_loop(0, num_tiles, tile_stream, jnp.int32(0))
   _drain(free, num_steps=num_steps, stages=stages)

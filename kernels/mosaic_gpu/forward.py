@@ -45,6 +45,8 @@ def smem_bytes(prob: Problem, tiles: common.Tiles, buffers: int = 1) -> int:
   total += s * prob.meta_rows * tk * 4 + buffers * nw * ROWS_PER_WG * 4 * 3
   if prob.q_gathered:  # row indices of two tiles, raw barriers
     total += 2 * nw * ROWS_PER_WG * 4 + buffers * nw * 8
+  if prob.kv_gathered:  # key indices of two tiles' blocks, raw barriers
+    total += 2 * prob.block_k * 4 + 2 * s * 8
   return total
 
 
@@ -73,16 +75,35 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
   needs_pos = prob.needs_positions
   ping_pong = nw == 2
   gathered = prob.q_gathered  # q is rows [R, dk] read through ops["q_rows"]
+  kv_gathered = prob.kv_gathered  # k, v are rows read through ops["k_rows"]
+  q_raw_barriers = nbuf * nw if gathered else 0  # raw barriers: q buffers, then k and v slots
 
   def kernel(q_ref, k_ref, v_ref, kmeta_ref, xk_ref, xv_ref, xmeta_ref, qpos_ref, coef_ref,
              dlive_ref, xlive_ref, *rest):
-    *qrows_ref, o_ref, lse_ref, buffers, barriers = rest  # qrows_ref: [q_rows] if gathered
-    (q_smem, o_smem, k_smem, v_smem, meta_smem, qpos_smem, coef_smem, lse_smem,
-     gather) = buffers
-    q_bar, k_bar, v_bar, k_free, v_free, turn, index_bar = barriers
-    if gathered:  # the tile's tiled view, its raw view, row indices, raw barriers
-      (q_smem, q_raw), index_smem, rows_bar = q_smem, *gather
+    # The index operands, when gathered: [q_rows] and / or [k_rows].
+    *index_refs, o_ref, lse_ref, buffers, barriers = rest
+    qrows_ref = index_refs[:1] if gathered else []
+    krows_ref = index_refs[-1] if kv_gathered else None
+    (q_smem, o_smem, k_smem, v_smem, meta_smem, qpos_smem, coef_smem, lse_smem, index_smem,
+     k_index_smem, rows_bar) = buffers
+    q_bar, k_bar, v_bar, k_free, v_free, turn, index_bar, k_index_bar = barriers
+    if gathered:  # the tiles' tiled and raw views
+      q_smem, q_raw = q_smem
+    key_rows = None
+    if kv_gathered:
+      (k_smem, k_raw), (v_smem, v_raw) = k_smem, v_smem
+      key_rows = common.KeyRows(krows_ref, k_index_smem, k_index_bar, (k_raw, v_raw), rows_bar,
+                                q_raw_barriers)
+    if rows_bar is not None:
       row_copies.init_barriers(rows_bar)
+
+    def wait_keys(step, which):
+      """Waits for operand ``which`` (0: k and meta, 1: v) of the ring's ``step``-th step."""
+      slot = lax.rem(step, stages)
+      plgpu.barrier_wait((k_bar, v_bar)[which].at[slot])
+      if kv_gathered:
+        row_copies.wait(rows_bar, q_raw_barriers + which * stages + slot,
+                        lax.rem(lax.div(step, stages), 2))
 
     def tile_of(t):  # the CTA's t-th query tile
       return common.cta_tile(common.axis("tile"), t, span, tiles_per_block,
@@ -102,7 +123,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       common.split_registers(True, nw)
       common.stream_keys(cta_of, span, prob, tiles, (k_ref, v_ref, kmeta_ref),
                          (xk_ref, xv_ref, xmeta_ref), (k_smem, v_smem, meta_smem),
-                         (k_bar, v_bar), (k_free, v_free))
+                         (k_bar, v_bar), (k_free, v_free), key_rows)
 
     @pl.when(wg < nw)
     def _compute():
@@ -113,8 +134,8 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
 
       def load_index(t):  # tile t's row indices, into index buffer t % 2
         which = lax.rem(t, 2)
-        plgpu.copy_gmem_to_smem(qrows_ref[0].at[batch, head, rows_of(t)], index_smem.at[which, wg],
-                                index_bar.at[which * nw + wg])
+        plgpu.copy_gmem_to_smem(qrows_ref[0].at[batch, head, rows_of(t)],
+                                index_smem.at[which, wg], index_bar.at[which * nw + wg])
 
       def load_queries(t):
         buf = lax.rem(t, nbuf)
@@ -176,19 +197,19 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
           acc, run_sum, new_max, p = lax.optimization_barrier((acc, run_sum, new_max, p))
           if ping_pong:
             plgpu.barrier_arrive(turn)
-          plgpu.barrier_wait(v_bar.at[slot])
+          wait_keys(offset + step, 1)
           if ping_pong:
             plgpu.barrier_wait(turn)
 
           def wait_next_keys():  # while the tensor cores run p v
             has_next = step + 1 < cta.num_steps
-            pl.when(has_next)(lambda: plgpu.barrier_wait(k_bar.at[lax.rem(slot + 1, stages)]))
+            pl.when(has_next)(lambda: wait_keys(offset + step + 1, 0))
 
           acc = common.matmul_acc(acc, p, v_tile, interpret=interpret, before_wait=wait_next_keys)
           plgpu.barrier_arrive(v_free.at[slot])
           return acc, new_max, run_sum
 
-        pl.when(cta.num_steps > 0)(lambda: plgpu.barrier_wait(k_bar.at[lax.rem(offset, stages)]))
+        pl.when(cta.num_steps > 0)(lambda: wait_keys(offset, 0))
         carry = (common.zeros((rows, prob.dv)), common.full((rows,), NEG_BIG, ROW),
                  common.full((rows,), 0.0, ROW))
         acc, run_max, run_sum = common.walk_key_steps(step_fn, carry, cta, prob, tiles)
@@ -234,14 +255,18 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       if gathered else q_tiles,
       None if prob.dk == prob.dv else plgpu.SMEM((nbuf, nw, rows, prob.dv), dtype,
                                                   transforms=transforms),
-      plgpu.SMEM((stages, tk, prob.dk), dtype, transforms=transforms),
-      plgpu.SMEM((stages, tk, prob.dv), dtype, transforms=transforms),
+      *(plgpu.RefUnion(ring, row_copies.raw_view((stages, tk, dim), dtype)) if kv_gathered
+        else ring
+        for ring, dim in ((plgpu.SMEM((stages, tk, d), dtype, transforms=transforms), d)
+                          for d in (prob.dk, prob.dv))),
       plgpu.SMEM((stages, prob.meta_rows, tk), f32),
       plgpu.SMEM((nbuf, nw, rows), f32) if needs_pos else None,
       plgpu.SMEM((nbuf, nw, rows), f32),
       plgpu.SMEM((nbuf, nw, rows), f32),
-      (plgpu.SMEM((2, nw, rows), jnp.int32), row_copies.barrier_memory(nbuf * nw))
-      if gathered else None,
+      plgpu.SMEM((2, nw, rows), jnp.int32) if gathered else None,        # query row indices
+      plgpu.SMEM((2, prob.block_k), jnp.int32) if kv_gathered else None,  # key row indices
+      row_copies.barrier_memory(q_raw_barriers + 2 * stages * kv_gathered)
+      if gathered or kv_gathered else None,
   )
   barriers = (
       # q (unless gathered: then its raw barrier), coef (, positions)
@@ -251,7 +276,8 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       plgpu.Barrier(num_arrivals=nw, num_barriers=stages),          # k slot free
       plgpu.Barrier(num_arrivals=nw, num_barriers=stages),          # v slot free
       plgpu.Barrier(num_arrivals=2) if ping_pong else None,         # compute turn
-      plgpu.Barrier(num_barriers=2 * nw) if gathered else None,     # row indices
+      plgpu.Barrier(num_barriers=2 * nw) if gathered else None,     # query row indices
+      plgpu.Barrier(num_barriers=2) if kv_gathered else None,       # key row indices
   )
 
   out_type = (jax.ShapeDtypeStruct(prob.rows_shape(prob.q_heads, prob.q_len, prob.dv), dtype),
@@ -262,4 +288,4 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       interpret=interpret,
   )(ops["q"], ops["k"], ops["v"], ops["k_meta"], ops["extra_k"], ops["extra_v"],
     ops["extra_meta"], ops["q_pos"], ops["coef"], ops["diag_live"], ops["extra_live"],
-    *([ops["q_rows"]] if gathered else []))
+    *([ops["q_rows"]] if gathered else []), *([ops["k_rows"]] if kv_gathered else []))

@@ -58,6 +58,8 @@ class Problem:
     q_gathered: the forward kernel reads the query rows through an index (``q`` is then the
       sequence-major source seen as rows ``[R, dk]`` and ``q_rows [B, Hq, Nq]`` int32 holds
       the source row of each sorted query row, ``R`` or more for padding).
+    kv_gathered: the same for the diagonal keys and values of the forward kernel (``k`` and
+      ``v`` are source rows, ``k_rows [B, Hk, Nk]`` the index; extra keys stay dense).
   """
 
   batch: int
@@ -75,6 +77,7 @@ class Problem:
   exclude_in_kernel: bool
   dtype: np.dtype
   q_gathered: bool = False
+  kv_gathered: bool = False
 
   @property
   def groups(self) -> int:

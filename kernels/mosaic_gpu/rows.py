@@ -120,6 +120,18 @@ def copy_rows(src_ref, index_ref, dst_ref, barrier_ref, barrier, *, num_rows: in
   _copy(src_ref, index_ref, dst_ref, barrier_ref, barrier)
 
 
+def arrive(barrier_ref, barrier):
+  """One arrival (no bytes) on raw barrier ``barrier``, from one thread of the warpgroup: a
+  step whose data came another way still completes the barrier's phase."""
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), _SCALAR))
+  def _arrive(ctx, mem, which):
+    del ctx
+    _barriers(mem)[_index(which)].arrive(predicate=mgpu_utils.single_thread_predicate(
+        mgpu_utils.ThreadSubset.WARPGROUP))
+
+  _arrive(barrier_ref, barrier)
+
+
 def wait(barrier_ref, barrier, parity):
   """Waits for raw barrier ``barrier`` (int32 scalar) to complete the phase of ``parity``."""
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), _SCALAR, _SCALAR))
