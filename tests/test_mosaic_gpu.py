@@ -364,13 +364,14 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
     # The forward, dq and dk/dv kernels.
     self.assertEqual(text.count("custom_call @mosaic_gpu"), 3)
 
-  def test_sorted_rows_lower_for_hopper(self):
+  @parameterized.parameters((128, 256), (256, 512))
+  def test_sorted_rows_lower_for_hopper(self, head_dim, block):
     """q, k and v given as lsh.SortedRows: the forward kernel reads them through the index
     (raw row copies, GPU only), and forward and backward lower for sm_90."""
     inputs = random_inputs(_seed(self._testMethodName), batch=1, q_heads=4, kv_heads=2,
-                           num_blocks=2, block_q=256, block_k=256, dk=128, dv=128,
-                           num_extra=256, per_block=False, dtype=jnp.bfloat16)
-    spec = core.BlockSpec(block_q=256, block_k=256, extra_keys=core.NONLOCAL,
+                           num_blocks=2, block_q=block, block_k=block, dk=head_dim,
+                           dv=head_dim, num_extra=256, per_block=False, dtype=jnp.bfloat16)
+    spec = core.BlockSpec(block_q=block, block_k=block, extra_keys=core.NONLOCAL,
                           diagonal_keys=core.NONLOCAL)
     q = inputs.pop("q")
     perm = jnp.flip(jnp.arange(q.size // q.shape[-1], dtype=jnp.int32))

@@ -416,13 +416,18 @@ def produce(fetch, free, *, num_steps, stages: int):
   _drain(free, num_steps=num_steps, stages=stages)
 
 
+def index_chunks(prob: Problem) -> int:
+  """Bulk copies that bring a block's key indices (one copy moves at most 256 elements)."""
+  return next(prob.block_k // chunk for chunk in (256, 128, 64) if prob.block_k % chunk == 0)
+
+
 class KeyRows(NamedTuple):
   """What a memory warpgroup needs to bring diagonal keys row by row (``rows.py``).
 
   Attributes:
     index: ``[B, Hk, Nk]`` int32 in GMEM: the source row of each sorted key.
     index_smem: ``[2, block_k]`` int32: the indices of a tile's block (two tiles in flight).
-    index_bar: two barriers for them.
+    index_bar: two barriers for them (``index_chunks`` arrivals each).
     raw: the raw views of the k and v rings (``rows.raw_view``).
     barrier_mem: the raw barriers; ``first + which * num_stages + slot`` completes operand
       ``which`` (0: k, 1: v) of ring slot ``slot``, once per pipeline step.
@@ -468,11 +473,14 @@ def stream_keys(cta_of, num_tiles: int, prob: Problem, tiles: Tiles, key_refs, e
   def raw_barrier(slot, which):
     return key_rows.first + which * stages + slot
 
-  def fetch_index(t):  # the indices of tile t's diagonal block
+  def fetch_index(t):  # the indices of tile t's diagonal block, in index_chunks(prob) copies
     cta = cta_of(t)
-    plgpu.copy_gmem_to_smem(
-        key_rows.index.at[cta.batch, cta.kv_head, pl.ds(cta.block * prob.block_k, prob.block_k)],
-        key_rows.index_smem.at[lax.rem(t, 2)], key_rows.index_bar.at[lax.rem(t, 2)])
+    chunk = prob.block_k // index_chunks(prob)
+    for c in range(index_chunks(prob)):
+      first = cta.block * prob.block_k + c * chunk
+      plgpu.copy_gmem_to_smem(key_rows.index.at[cta.batch, cta.kv_head, pl.ds(first, chunk)],
+                              key_rows.index_smem.at[lax.rem(t, 2), pl.ds(c * chunk, chunk)],
+                              key_rows.index_bar.at[lax.rem(t, 2)])
 
   def fetch_of(cta, t, step, slot, which):
     batch, kv_head, num_diagonal = cta.batch, cta.kv_head, cta.num_diagonal

@@ -277,7 +277,8 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       plgpu.Barrier(num_arrivals=nw, num_barriers=stages),          # v slot free
       plgpu.Barrier(num_arrivals=2) if ping_pong else None,         # compute turn
       plgpu.Barrier(num_barriers=2 * nw) if gathered else None,     # query row indices
-      plgpu.Barrier(num_barriers=2) if kv_gathered else None,       # key row indices
+      plgpu.Barrier(num_arrivals=common.index_chunks(prob), num_barriers=2)
+      if kv_gathered else None,                                     # key row indices
   )
 
   out_type = (jax.ShapeDtypeStruct(prob.rows_shape(prob.q_heads, prob.q_len, prob.dv), dtype),
