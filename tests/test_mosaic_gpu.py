@@ -153,7 +153,8 @@ class MosaicGpuKernelTest(parameterized.TestCase):
     """q, or k and v, given as lsh.SortedRows (rows of a larger source, some past its end):
     output, lse and the gradients of the sources match the reference."""
     seed = _seed(self._testMethodName + which)
-    inputs = random_inputs(seed, batch=1, q_heads=2, kv_heads=1, num_blocks=2, block_q=128,
+    # Four query tiles per head: one CTA runs them all, prefetching indices tiles ahead.
+    inputs = random_inputs(seed, batch=1, q_heads=2, kv_heads=1, num_blocks=4, block_q=128,
                            block_k=128, dk=64, dv=64, num_extra=64, per_block=False,
                            dtype=jnp.bfloat16)
     spec = core.BlockSpec(block_q=128, block_k=128, extra_keys=core.NONLOCAL,

@@ -94,11 +94,14 @@ def _dense(x):
 def _gathered_attention(static, q, k, v, extra_k, extra_v, extra_bias, scale, positions):
   """``_padded_attention`` with q, or k and v, or all three given as ``lsh.SortedRows``: the
   forward kernel reads their rows through the index."""
-  if static.interpret is not None:  # the interpreter cannot run the row copies: copy the rows
-    ops = _kernel_operands(static, _dense(q), _dense(k), _dense(v), extra_k, extra_v,
-                           extra_bias, scale, positions)
-    return forward.forward(ops, static.prob, static.fwd_tiles, interpret=static.interpret)
-  source = lambda x: x.source if isinstance(x, lsh.SortedRows) else x
+  def source(x):
+    if not isinstance(x, lsh.SortedRows):
+      return x
+    if static.interpret is None:  # bulk copies past the last row read zeros
+      return x.source
+    # The interpreter's copies read the last row instead: make it a zero row.
+    return jnp.concatenate([x.source, jnp.zeros_like(x.source[:1])])
+
   ops = _kernel_operands(static, source(q), source(k), source(v), extra_k, extra_v, extra_bias,
                          scale, positions)
   q_gathered, kv_gathered = isinstance(q, lsh.SortedRows), isinstance(k, lsh.SortedRows)
@@ -107,7 +110,7 @@ def _gathered_attention(static, q, k, v, extra_k, extra_v, extra_bias, scale, po
   if kv_gathered:
     ops["k_rows"] = k.rows
   prob = dataclasses.replace(static.prob, q_gathered=q_gathered, kv_gathered=kv_gathered)
-  return forward.forward(ops, prob, static.fwd_tiles)
+  return forward.forward(ops, prob, static.fwd_tiles, interpret=static.interpret)
 
 
 def _gathered_attention_fwd(static, q, k, v, *args):
@@ -162,8 +165,7 @@ def block_attention(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_bl
   Args:
     q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_block, extra_bias, spec,
       scale: as ``hyperattention_jax.core.block_attention``. Queries given as
-      ``lsh.SortedRows`` are read row by row through the index on a GPU (no sorted copy;
-      the interpreter gets a copy, under the same gradient). A causal ``spec`` needs its
+      ``lsh.SortedRows`` are read row by row through the index (no sorted copy). A causal ``spec`` needs its
       blocks in original order (query row i and key row i of a block at the same position,
       as ``local.py`` builds the causal leaves): key tiles after a query tile are skipped.
     interpret: None on a Hopper GPU; a ``plgpu.InterpretGPUParams`` runs the kernels in

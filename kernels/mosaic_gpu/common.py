@@ -428,18 +428,20 @@ class KeyRows(NamedTuple):
     index: ``[B, Hk, Nk]`` int32 in GMEM: the source row of each sorted key.
     index_smem: ``[2, block_k]`` int32: the indices of a tile's block (two tiles in flight).
     index_bar: two barriers for them (``index_chunks`` arrivals each).
-    raw: the raw views of the k and v rings (``rows.raw_view``).
-    barrier_mem: the raw barriers; ``first + which * num_stages + slot`` completes operand
-      ``which`` (0: k, 1: v) of ring slot ``slot``, once per pipeline step.
-    first: see ``barrier_mem``.
+    raw: the raw views of the k and v rings (``rows.raw_view``; None in the interpreter).
+    barriers: ``rows.RowBarriers``; barrier ``first + which * num_stages + slot`` completes
+      operand ``which`` (0: k, 1: v) of ring slot ``slot``, once per pipeline step.
+    first: see ``barriers``.
+    scratch: the interpreter's barriers for the k and v copies (None on a GPU).
   """
 
   index: Any
   index_smem: Any
   index_bar: Any
   raw: Any
-  barrier_mem: Any
+  barriers: Any
   first: int
+  scratch: Any
 
 
 def stream_keys(cta_of, num_tiles: int, prob: Problem, tiles: Tiles, key_refs, extra_refs,
@@ -494,10 +496,12 @@ def stream_keys(cta_of, num_tiles: int, prob: Problem, tiles: Tiles, key_refs, e
                                 (k_smem, v_smem)[which].at[slot], ready[which].at[slot])
       else:  # row by row; an arrival stands in for the bulk copy's
         index = key_rows.index_smem.at[lax.rem(t, 2), pl.ds(step * key_tile, key_tile)]
-        dim = (prob.dk, prob.dv)[which]
-        row_copies.copy_rows(key_refs[which], index, key_rows.raw[which].at[slot],
-                             key_rows.barrier_mem, raw_barrier(slot, which), num_rows=key_tile,
-                             dim=dim, itemsize=prob.dtype.itemsize)
+        raw = key_rows.raw[which]
+        dst = ((k_smem, v_smem)[which].at[slot], None if raw is None else raw.at[slot])
+        row_copies.copy_rows(key_refs[which], index, dst, key_rows.barriers,
+                             raw_barrier(slot, which), num_rows=key_tile,
+                             dim=(prob.dk, prob.dv)[which], itemsize=prob.dtype.itemsize,
+                             scratch=key_rows.scratch[which])
         plgpu.barrier_arrive(ready[which].at[slot])
       if which == 0:
         plgpu.copy_gmem_to_smem(key_refs[2].at[batch, kv_head, :, keys], meta_smem.at[slot],
@@ -515,7 +519,7 @@ def stream_keys(cta_of, num_tiles: int, prob: Problem, tiles: Tiles, key_refs, e
         plgpu.copy_gmem_to_smem(extra_refs[2].at[batch, kv_head, cta.set_idx, :, keys],
                                 meta_smem.at[slot], ready[0].at[slot])
       if key_rows is not None:  # the raw barrier completes on every step
-        row_copies.arrive(key_rows.barrier_mem, raw_barrier(slot, which))
+        row_copies.arrive(key_rows.barriers, raw_barrier(slot, which))
 
   def tile_stream(t, first):
     cta = cta_of(t)

@@ -76,7 +76,10 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
   ping_pong = nw == 2
   gathered = prob.q_gathered  # q is rows [R, dk] read through ops["q_rows"]
   kv_gathered = prob.kv_gathered  # k, v are rows read through ops["k_rows"]
-  q_raw_barriers = nbuf * nw if gathered else 0  # raw barriers: q buffers, then k and v slots
+  q_raw_barriers = nbuf * nw if gathered else 0  # row barriers: q buffers, then k and v slots
+  num_row_barriers = q_raw_barriers + 2 * stages * kv_gathered
+  raw = interpret is None  # raw row copies and barriers (the interpreter: Pallas ones)
+  halves = lambda dim: dim // row_copies.HALF
 
   def kernel(q_ref, k_ref, v_ref, kmeta_ref, xk_ref, xv_ref, xmeta_ref, qpos_ref, coef_ref,
              dlive_ref, xlive_ref, *rest):
@@ -85,16 +88,21 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
     qrows_ref = index_refs[:1] if gathered else []
     krows_ref = index_refs[-1] if kv_gathered else None
     (q_smem, o_smem, k_smem, v_smem, meta_smem, qpos_smem, coef_smem, lse_smem, index_smem,
-     k_index_smem, rows_bar) = buffers
-    q_bar, k_bar, v_bar, k_free, v_free, turn, index_bar, k_index_bar = barriers
-    if gathered:  # the tiles' tiled and raw views
-      q_smem, q_raw = q_smem
+     k_index_smem, rows_mem) = buffers
+    (q_bar, k_bar, v_bar, k_free, v_free, turn, index_bar, k_index_bar, rows_pallas,
+     scratch) = barriers
+    rows_bar = row_copies.RowBarriers(rows_mem, rows_pallas)
+    q_scratch, k_scratch, v_scratch = scratch or (None, None, None)
+    views = lambda ref: ref if raw else (ref, None)  # (tiled, raw) views of a buffer
+    q_raw = k_raw = v_raw = None
+    if gathered:
+      q_smem, q_raw = views(q_smem)
     key_rows = None
     if kv_gathered:
-      (k_smem, k_raw), (v_smem, v_raw) = k_smem, v_smem
+      (k_smem, k_raw), (v_smem, v_raw) = views(k_smem), views(v_smem)
       key_rows = common.KeyRows(krows_ref, k_index_smem, k_index_bar, (k_raw, v_raw), rows_bar,
-                                q_raw_barriers)
-    if rows_bar is not None:
+                                q_raw_barriers, (k_scratch, v_scratch))
+    if num_row_barriers:
       row_copies.init_barriers(rows_bar)
 
     def wait_keys(step, which):
@@ -143,8 +151,10 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
         if gathered:  # row by row through the indices, then the indices of tile t + 2
           which = lax.rem(t, 2)
           plgpu.barrier_wait(index_bar.at[which * nw + wg])
-          row_copies.copy_rows(q_ref, index_smem.at[which, wg], q_raw.at[buf, wg], rows_bar,
-                               buf * nw + wg, num_rows=rows, dim=prob.dk, itemsize=dtype.itemsize)
+          dst = (q_smem.at[buf, wg], None if q_raw is None else q_raw.at[buf, wg])
+          row_copies.copy_rows(q_ref, index_smem.at[which, wg], dst, rows_bar, buf * nw + wg,
+                               num_rows=rows, dim=prob.dk, itemsize=dtype.itemsize,
+                               scratch=None if q_scratch is None else q_scratch.at[wg])
           pl.when(t + 2 < span)(lambda: load_index(t + 2))
         else:
           plgpu.copy_gmem_to_smem(prob.rows_of(q_ref, batch, head, rows_of(t)),
@@ -252,11 +262,11 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
   q_tiles = plgpu.SMEM((nbuf, nw, rows, prob.dk), dtype, transforms=transforms)
   buffers = (
       plgpu.RefUnion(q_tiles, row_copies.raw_view((nbuf, nw, rows, prob.dk), dtype))
-      if gathered else q_tiles,
+      if gathered and raw else q_tiles,
       None if prob.dk == prob.dv else plgpu.SMEM((nbuf, nw, rows, prob.dv), dtype,
                                                   transforms=transforms),
-      *(plgpu.RefUnion(ring, row_copies.raw_view((stages, tk, dim), dtype)) if kv_gathered
-        else ring
+      *(plgpu.RefUnion(ring, row_copies.raw_view((stages, tk, dim), dtype))
+        if kv_gathered and raw else ring
         for ring, dim in ((plgpu.SMEM((stages, tk, d), dtype, transforms=transforms), d)
                           for d in (prob.dk, prob.dv))),
       plgpu.SMEM((stages, prob.meta_rows, tk), f32),
@@ -265,8 +275,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       plgpu.SMEM((nbuf, nw, rows), f32),
       plgpu.SMEM((2, nw, rows), jnp.int32) if gathered else None,        # query row indices
       plgpu.SMEM((2, prob.block_k), jnp.int32) if kv_gathered else None,  # key row indices
-      row_copies.barrier_memory(q_raw_barriers + 2 * stages * kv_gathered)
-      if gathered or kv_gathered else None,
+      row_copies.barrier_memory(num_row_barriers) if num_row_barriers and raw else None,
   )
   barriers = (
       # q (unless gathered: then its raw barrier), coef (, positions)
@@ -279,6 +288,11 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       plgpu.Barrier(num_barriers=2 * nw) if gathered else None,     # query row indices
       plgpu.Barrier(num_arrivals=common.index_chunks(prob), num_barriers=2)
       if kv_gathered else None,                                     # key row indices
+      # The interpreter's row barriers, and its barriers for the q, k and v row copies.
+      plgpu.Barrier(num_barriers=num_row_barriers) if num_row_barriers and not raw else None,
+      (plgpu.Barrier(num_arrivals=rows * halves(prob.dk), num_barriers=nw),
+       plgpu.Barrier(num_arrivals=tk * halves(prob.dk)),
+       plgpu.Barrier(num_arrivals=tk * halves(prob.dv))) if num_row_barriers and not raw else None,
   )
 
   out_type = (jax.ShapeDtypeStruct(prob.rows_shape(prob.q_heads, prob.q_len, prob.dv), dtype),

@@ -14,8 +14,15 @@ some of them, and one thread announces the tile's bytes on a barrier that the ra
 array, are set up by ``init_barriers`` before the warpgroups split, and are awaited with an
 explicit parity (``wait``): the ``u``-th completion of a barrier has parity ``u % 2``.
 
-None of this runs in the CPU interpreter; there the caller gathers the rows in XLA instead.
+In the CPU interpreter (which runs neither raw code nor swizzles) the same calls copy row by
+row with ``plgpu.copy_gmem_to_smem`` into the tiled view and use Pallas barriers, so the
+kernels' index and barrier logic is tested there too; ``RowBarriers`` holds one kind or the
+other. The interpreter's sources carry a zero row at the end, and indices past it read it.
 """
+
+from typing import Any, NamedTuple
+
+import jax.experimental.pallas as pl
 
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
@@ -28,6 +35,18 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 HALF = 64                       # columns per copy (16-bit dtypes: 128 bytes)
 WARPGROUP = 128                 # threads that issue a tile's copies
 _SCALAR = plgpu.Layout.WGMMA    # placeholder type of scalar arguments (ignored for 0-d values)
+
+
+class RowBarriers(NamedTuple):
+  """Barriers that row copies complete, one arrival each.
+
+  Attributes:
+    raw: on a GPU, the raw barriers' shared memory (``barrier_memory``); else None.
+    pallas: in the interpreter, a Pallas barrier array in their place; else None.
+  """
+
+  raw: Any
+  pallas: Any
 
 
 def raw_view(shape, dtype):
@@ -63,11 +82,13 @@ def _barriers(mem) -> mgpu_utils.BarrierRef:
   return mgpu_utils.BarrierRef(mgpu_utils.memref_ptr(mem), mgpu_utils.c(0, i32), phases, num)
 
 
-def init_barriers(mem_ref):
-  """Initialises the raw barriers in ``mem_ref`` (one arrival each) for the whole CTA.
-
-  Call it from every thread of the CTA before the warpgroups take their own branches.
+def init_barriers(barriers: RowBarriers):
+  """Initialises the raw barriers (one arrival each) for the whole CTA; Pallas barriers need
+  nothing. Call it from every thread of the CTA before the warpgroups take their branches.
   """
+  if barriers.raw is None:
+    return
+
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
   def _init(ctx, mem):
     del ctx
@@ -76,21 +97,40 @@ def init_barriers(mem_ref):
                     "", has_side_effects=True)
     llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "bar.sync 0;", "", has_side_effects=True)
 
-  _init(mem_ref)
+  _init(barriers.raw)
 
 
-def copy_rows(src_ref, index_ref, dst_ref, barrier_ref, barrier, *, num_rows: int, dim: int,
-              itemsize: int):
+def copy_rows(src_ref, index_ref, dst, barriers: RowBarriers, barrier, *, num_rows: int,
+              dim: int, itemsize: int, scratch=None):
   """Starts the copies of ``num_rows`` rows of ``src_ref`` into one tile, from one warpgroup.
 
   Args:
-    src_ref: ``[R, dim]`` rows in GMEM; an index at or past ``R`` reads zeros.
+    src_ref: ``[R, dim]`` rows in GMEM; an index at or past ``R`` reads zeros (the
+      interpreter's last row, zero, instead).
     index_ref: ``[num_rows]`` int32 row indices in SMEM.
-    dst_ref: the tile's raw view ``[num_rows / 8, dim / HALF, 8, HALF]`` (``raw_view``).
-    barrier_ref: the raw barriers' memory; ``barrier`` (int32 scalar) the one to complete.
+    dst: the tile's views ``(tiled [num_rows, dim], raw [num_rows / 8, dim / HALF, 8, HALF])``
+      (``raw_view``; the interpreter has the tiled one only).
+    barriers, barrier: the barrier (an int32 scalar index) that completes when the rows are in.
     num_rows, dim, itemsize: the tile's shape and the element size in bytes.
+    scratch: in the interpreter, a Pallas barrier of ``num_rows * dim / HALF`` arrivals for
+      the copies themselves (they are awaited here).
   """
   halves = dim // HALF
+  tiled_ref, dst_ref = dst
+  if barriers.raw is None:
+    last = src_ref.shape[0] - 1
+
+    @pl.loop(0, num_rows)
+    def _row(r):
+      row = jnp.minimum(index_ref[r], last)
+      for h in range(halves):
+        columns = pl.ds(h * HALF, HALF)
+        plgpu.copy_gmem_to_smem(src_ref.at[pl.ds(row, 1), columns],
+                                tiled_ref.at[pl.ds(r, 1), columns], scratch)
+
+    plgpu.barrier_wait(scratch)
+    plgpu.barrier_arrive(barriers.pallas.at[barrier])
+    return
   copies = num_rows * halves
   per_thread = -(-copies // WARPGROUP)
 
@@ -117,27 +157,36 @@ def copy_rows(src_ref, index_ref, dst_ref, barrier_ref, barrier, *, num_rows: in
     bar.arrive_expect_tx(num_rows * dim * itemsize, predicate=mgpu_utils.single_thread_predicate(
         mgpu_utils.ThreadSubset.WARPGROUP))
 
-  _copy(src_ref, index_ref, dst_ref, barrier_ref, barrier)
+  _copy(src_ref, index_ref, dst_ref, barriers.raw, barrier)
 
 
-def arrive(barrier_ref, barrier):
-  """One arrival (no bytes) on raw barrier ``barrier``, from one thread of the warpgroup: a
-  step whose data came another way still completes the barrier's phase."""
+def arrive(barriers: RowBarriers, barrier):
+  """One arrival (no bytes) on barrier ``barrier`` from the warpgroup: a step whose data came
+  another way still completes the barrier's phase."""
+  if barriers.raw is None:
+    plgpu.barrier_arrive(barriers.pallas.at[barrier])
+    return
+
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), _SCALAR))
   def _arrive(ctx, mem, which):
     del ctx
     _barriers(mem)[_index(which)].arrive(predicate=mgpu_utils.single_thread_predicate(
         mgpu_utils.ThreadSubset.WARPGROUP))
 
-  _arrive(barrier_ref, barrier)
+  _arrive(barriers.raw, barrier)
 
 
-def wait(barrier_ref, barrier, parity):
-  """Waits for raw barrier ``barrier`` (int32 scalar) to complete the phase of ``parity``."""
+def wait(barriers: RowBarriers, barrier, parity):
+  """Waits for barrier ``barrier`` (int32 scalar) to complete the phase of ``parity`` (Pallas
+  barriers track their phase themselves)."""
+  if barriers.raw is None:
+    plgpu.barrier_wait(barriers.pallas.at[barrier])
+    return
+
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), _SCALAR, _SCALAR))
   def _wait(ctx, mem, which, par):
     del ctx
     i1 = ir.IntegerType.get_signless(1)
     _barriers(mem)[_index(which)].wait_parity(arith.trunci(i1, _value(par)))
 
-  _wait(barrier_ref, barrier, parity)
+  _wait(barriers.raw, barrier, parity)
