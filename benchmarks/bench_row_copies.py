@@ -10,9 +10,9 @@ wgmma expects them. Two ways of issuing the copies are timed:
 
 * ``pallas``: ``plgpu.copy_gmem_to_smem`` per half-row, from one thread of each of
   ``--warpgroups`` warpgroups (each copy also arrives on the barrier from the warpgroup);
-* ``raw``: Mosaic GPU copies issued inside ``plgpu.inline_mgpu`` from every thread of the
-  warpgroup (``--rows_per_thread`` rows each), with one expected-bytes arrival per tile on a
-  barrier that the raw code initialises and awaits itself.
+* ``raw``: the kernels' own row copies (``kernels/mosaic_gpu/rows.py``): Mosaic GPU copies
+  issued inside ``plgpu.inline_mgpu`` from every thread of the warpgroup, with one
+  expected-bytes arrival per tile on a raw barrier.
 
 Needs a Hopper GPU:
 
@@ -28,33 +28,26 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
-from jax._src.lib.mlir import ir
-from jax._src.lib.mlir.dialects import arith
-from jax._src.lib.mlir.dialects import llvm
-from jax._src.lib.mlir.dialects import memref
-from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+from hyperattention_jax.kernels.mosaic_gpu import rows as row_copies
 
 from benchmarks.timing import median_ms
 
 _ROWS = flags.DEFINE_integer("rows", 2097152, "Rows of x (a multiple of 128).")
 _WARPGROUPS = flags.DEFINE_list("warpgroups", ["1", "2", "4"],
                                 "Issuing warpgroups per CTA to try (pallas).")
-_ROWS_PER_THREAD = flags.DEFINE_list("rows_per_thread", ["1", "4", "16", "128"],
-                                     "Rows per issuing thread to try (raw).")
 _REPS = flags.DEFINE_integer("reps", 10, "Timing samples.")
 
 TILE = 128      # rows per CTA
 COLS = 128      # columns of x
-HALF = 64       # columns per copy: 128 bytes, the swizzle width
+HALF = row_copies.HALF   # columns per copy: 128 bytes, the swizzle width
 
 
 def _tile_views(dtype):
   """The tile as wgmma reads it, and its raw (TILE / 8, COLS / HALF, 8, HALF) view."""
   tiled = plgpu.SMEM((TILE, COLS), dtype, transforms=(plgpu.TilingTransform((8, HALF)),
                                                       plgpu.SwizzleTransform(128)))
-  raw = plgpu.SMEM((TILE // 8, COLS // HALF, 8, HALF), dtype,
-                   transforms=(plgpu.SwizzleTransform(128),))
-  return plgpu.RefUnion(tiled, raw)
+  return plgpu.RefUnion(tiled, row_copies.raw_view((TILE, COLS), dtype))
 
 
 def gather_pallas(x, perm, *, warpgroups: int):
@@ -98,50 +91,26 @@ def gather_pallas(x, perm, *, warpgroups: int):
                       thread_name="wg")(x, perm)
 
 
-def gather_raw(x, perm, *, rows_per_thread: int):
-  """``x[perm]`` by raw Mosaic GPU copies from ``TILE / rows_per_thread`` threads."""
-  threads = TILE // rows_per_thread
-  tile_bytes = TILE * COLS * x.dtype.itemsize
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType((plgpu.SwizzleTransform(128),)),
-                                plgpu.RefType(), plgpu.RefType()))
-  def copy_rows(ctx, x_gmem, raw, idx, barrier_mem):
-    index = ir.IndexType.get()
-    c = mgpu_utils.c
-    barrier = mgpu_utils.BarrierRef.initialize(barrier_mem, arrival_count=1)
-    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.mbarrier_init.release.cluster;", "",
-                    has_side_effects=True)
-    mgpu_utils.warpgroup_barrier()
-    tid = arith.index_cast(index, mgpu_utils.thread_idx())
-    active = arith.cmpi(arith.CmpIPredicate.ult, tid, c(threads, index))
-    for j in range(rows_per_thread):
-      r = arith.select(active, arith.addi(arith.muli(tid, c(rows_per_thread, index)), c(j, index)),
-                       c(0, index))
-      row = arith.index_cast(index, memref.load(idx, [r]))
-      group, in_group = arith.divui(r, c(8, index)), arith.remui(r, c(8, index))
-      for h in range(COLS // HALF):
-        ctx.async_copy(src_ref=x_gmem,
-                       dst_ref=mgpu_utils.memref_slice(raw, (group, h,
-                                                             mgpu_utils.ds(in_group, 1))),
-                       gmem_slice=(mgpu_utils.ds(row, 1), mgpu_utils.ds(h * HALF, HALF)),
-                       swizzle=128, barrier=barrier, arrive=False, predicate=active)
-    barrier.arrive_expect_tx(tile_bytes, predicate=mgpu_utils.single_thread_predicate(
-        mgpu_utils.ThreadSubset.WARPGROUP))
-    barrier.wait()
+def gather_raw(x, perm):
+  """``x[perm]`` by the kernels' raw copies (``kernels/mosaic_gpu/rows.py``): every thread of
+  the warpgroup issues some, one expected-bytes arrival per tile."""
 
   def body(x_ref, perm_ref, o_ref):
     tile = lax.axis_index("t")
 
     def scoped(views, idx_smem, barrier_mem, idx_bar):
-      tiled, raw = views
+      barriers = row_copies.RowBarriers(barrier_mem, None)
+      row_copies.init_barriers(barriers)
       plgpu.copy_gmem_to_smem(perm_ref.at[pl.ds(tile * TILE, TILE)], idx_smem, idx_bar)
       plgpu.barrier_wait(idx_bar)
-      copy_rows(x_ref, raw, idx_smem, barrier_mem)
-      plgpu.copy_smem_to_gmem(tiled, o_ref.at[pl.ds(tile * TILE, TILE)])
+      row_copies.copy_rows(x_ref, idx_smem, views, barriers, jnp.int32(0), num_rows=TILE,
+                           dim=COLS, itemsize=x.dtype.itemsize)
+      row_copies.wait(barriers, jnp.int32(0), jnp.int32(0))
+      plgpu.copy_smem_to_gmem(views[0], o_ref.at[pl.ds(tile * TILE, TILE)])
       plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(scoped, _tile_views(x.dtype), plgpu.SMEM((TILE,), jnp.int32),
-                  plgpu.SMEM((1,), jnp.uint64), plgpu.Barrier())
+                  row_copies.barrier_memory(1), plgpu.Barrier())
 
   return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(x.shape, x.dtype),
                       grid=(x.shape[0] // TILE,), grid_names=("t",))(x, perm)
@@ -151,9 +120,7 @@ def variants():
   yield "jnp.take", lambda x, p: jnp.take(x, p, axis=0)
   for wgs in map(int, _WARPGROUPS.value):
     yield f"pallas copies, {wgs} warpgroup(s)", functools.partial(gather_pallas, warpgroups=wgs)
-  for rpt in map(int, _ROWS_PER_THREAD.value):
-    yield f"raw copies, {rpt} row(s) per thread", functools.partial(gather_raw,
-                                                                     rows_per_thread=rpt)
+  yield "raw copies (kernels/mosaic_gpu/rows.py)", gather_raw
 
 
 def main(argv):

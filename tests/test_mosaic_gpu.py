@@ -436,7 +436,7 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
     x = jnp.zeros((4 * bench_row_copies.TILE, bench_row_copies.COLS), jnp.bfloat16)
     perm = jnp.arange(x.shape[0], dtype=jnp.int32)
     for gather in (functools.partial(bench_row_copies.gather_pallas, warpgroups=2),
-                   functools.partial(bench_row_copies.gather_raw, rows_per_thread=4)):
+                   bench_row_copies.gather_raw):
       text = jax.jit(gather).trace(x, perm).lower(lowering_platforms=("cuda",)).as_text()
       self.assertEqual(text.count("custom_call @mosaic_gpu"), 1)
 
