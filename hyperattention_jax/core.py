@@ -137,7 +137,7 @@ def masked_softmax(logits, keep):
 def head_major(block_attention_fn):
   """Lets a ``block_attention`` implementation that reads ``[B, H, n, d]`` take
   ``spec.sequence_major`` calls too, by transposing q, k, v in and the output back, and
-  queries given as ``lsh.SortedRows``, by copying them into sorted order."""
+  rows given as ``lsh.SortedRows``, by copying them into sorted order."""
 
   @functools.wraps(block_attention_fn)
   def wrapped(q, k, v, *args, spec: BlockSpec, **kwargs):

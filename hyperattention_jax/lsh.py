@@ -148,8 +148,9 @@ permute.defvjp(_permute_fwd, _permute_bwd)
 class SortedRows:
   """Rows of an array in another order, not copied yet: ``source[rows]`` as ``[B, H, n, d]``.
 
-  The core primitive may take its queries this way (``core.block_attention``): a kernel that
-  reads rows through an index skips the sorted copy, the others call ``materialize``.
+  The core primitive may take its queries, keys and values this way (``core.block_attention``):
+  a kernel that reads rows through an index skips the sorted copy, the others call
+  ``materialize``.
 
   Attributes:
     source: ``[R, d]`` rows (a sequence-major ``[B, n_all, H, d]`` array seen as rows).

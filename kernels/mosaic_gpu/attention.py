@@ -164,9 +164,10 @@ def block_attention(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_bl
 
   Args:
     q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_block, extra_bias, spec,
-      scale: as ``hyperattention_jax.core.block_attention``. Queries given as
-      ``lsh.SortedRows`` are read row by row through the index (no sorted copy). A causal ``spec`` needs its
-      blocks in original order (query row i and key row i of a block at the same position,
+      scale: as ``hyperattention_jax.core.block_attention``. q, or k and v, given as
+      ``lsh.SortedRows`` are read row by row through the index by the forward kernel (no
+      sorted copy; the backward kernels get copies). A causal ``spec`` needs its blocks in
+      original order (query row i and key row i of a block at the same position,
       as ``local.py`` builds the causal leaves): key tiles after a query tile are skipped.
     interpret: None on a Hopper GPU; a ``plgpu.InterpretGPUParams`` runs the kernels in
       Pallas' GPU interpreter on the CPU (how the tests check them).
