@@ -32,8 +32,10 @@ from jax._src.lib.mlir.dialects import llvm
 from jax._src.lib.mlir.dialects import memref
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-HALF = 64                       # columns per copy (16-bit dtypes: 128 bytes)
-WARPGROUP = 128                 # threads that issue a tile's copies
+HALF = 64                       # columns per swizzled half-row (16-bit dtypes: 128 bytes)
+SWIZZLE = 128                   # bytes per swizzled half-row
+CHUNK = 16                      # bytes per copy
+WARPGROUP = 128                 # threads that issue a tile's copies: one barrier arrival each
 _SCALAR = plgpu.Layout.WGMMA    # placeholder type of scalar arguments (ignored for 0-d values)
 
 
@@ -92,7 +94,7 @@ def init_barriers(barriers: RowBarriers):
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
   def _init(ctx, mem):
     del ctx
-    mgpu_utils.BarrierRef.initialize(mem, arrival_count=1)
+    mgpu_utils.BarrierRef.initialize(mem, arrival_count=WARPGROUP)
     llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.mbarrier_init.release.cluster;",
                     "", has_side_effects=True)
     llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "bar.sync 0;", "", has_side_effects=True)
@@ -131,31 +133,49 @@ def copy_rows(src_ref, index_ref, dst, barriers: RowBarriers, barrier, *, num_ro
     plgpu.barrier_wait(scratch)
     plgpu.barrier_arrive(barriers.pallas.at[barrier])
     return
-  copies = num_rows * halves
+  chunks = dim * itemsize // CHUNK          # 16-byte pieces of a row
+  per_swizzle = SWIZZLE // CHUNK             # of a 128-byte swizzled half-row
+  copies = num_rows * chunks
   per_thread = -(-copies // WARPGROUP)
+  row_bytes = dim * itemsize
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(),
-                                plgpu.RefType((plgpu.SwizzleTransform(128),)), plgpu.RefType(),
-                                _SCALAR))
+                                plgpu.RefType((plgpu.SwizzleTransform(SWIZZLE),)),
+                                plgpu.RefType(), _SCALAR))
   def _copy(ctx, src, idx, dst, mem, which):
+    del ctx
+    i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
     index = ir.IndexType.get()
-    c = mgpu_utils.c
-    bar = _barriers(mem)[_index(which)]
-    tid = arith.remui(_index(mgpu_utils.thread_idx()), c(WARPGROUP, index))
+    c = lambda v: mgpu_utils.c(v, i32)
+    num_src = ir.MemRefType(src.type).shape[0]
+    src_base = llvm.ptrtoint(i64, mgpu_utils.memref_ptr(src))
+    dst_base = llvm.ptrtoint(i32, mgpu_utils.memref_ptr(dst))
+    tid = arith.remui(arith.index_cast(i32, _index(mgpu_utils.thread_idx())), c(WARPGROUP))
     for j in range(per_thread):
-      copy = arith.addi(arith.muli(tid, c(per_thread, index)), c(j, index))
-      active = arith.cmpi(arith.CmpIPredicate.ult, copy, c(copies, index))
-      copy = arith.select(active, copy, c(0, index))
-      r, h = arith.divui(copy, c(halves, index)), arith.remui(copy, c(halves, index))
-      row = _index(memref.load(idx, [r]))
-      tile = mgpu_utils.memref_slice(dst, (arith.divui(r, c(8, index)), h,
-                                           mgpu_utils.ds(arith.remui(r, c(8, index)), 1)))
-      ctx.async_copy(src_ref=src, dst_ref=tile,
-                     gmem_slice=(mgpu_utils.ds(row, 1),
-                                 mgpu_utils.ds(arith.muli(h, c(HALF, index)), HALF)),
-                     swizzle=128, barrier=bar, arrive=False, predicate=active)
-    bar.arrive_expect_tx(num_rows * dim * itemsize, predicate=mgpu_utils.single_thread_predicate(
-        mgpu_utils.ThreadSubset.WARPGROUP))
+      # Consecutive threads take consecutive pieces of a row: the reads coalesce.
+      copy = arith.addi(tid, c(j * WARPGROUP))
+      r, piece = arith.divui(copy, c(chunks)), arith.remui(copy, c(chunks))
+      row = memref.load(idx, [arith.index_cast(index, arith.minui(r, c(num_rows - 1)))])
+      valid = arith.cmpi(arith.CmpIPredicate.ult, row, c(num_src))
+      if copies % WARPGROUP:
+        valid = arith.andi(valid, arith.cmpi(arith.CmpIPredicate.ult, copy, c(copies)))
+      row = arith.select(valid, row, c(0))
+      src_addr = arith.addi(src_base, arith.extui(i64, arith.addi(
+          arith.muli(row, c(row_bytes)), arith.muli(piece, c(CHUNK)))))
+      # The swizzled tile: 8-row groups of d / HALF half-rows of 128 bytes; piece p of row
+      # r in its half-row sits at 16 * (p ^ (r % 8)).
+      r8 = arith.remui(r, c(8))
+      half, p = arith.divui(piece, c(per_swizzle)), arith.remui(piece, c(per_swizzle))
+      atom = arith.addi(arith.muli(arith.divui(r, c(8)), c(dim // HALF)), half)
+      dst_addr = arith.addi(dst_base, arith.addi(
+          arith.addi(arith.muli(atom, c(8 * SWIZZLE)), arith.muli(r8, c(SWIZZLE))),
+          arith.muli(arith.xori(p, r8), c(CHUNK))))
+      size = arith.select(valid, c(CHUNK), c(0))  # zeros past the source's rows
+      mgpu_utils.inline_ptx(
+          "{ .reg .u64 g; cvta.to.global.u64 g, $1; "
+          f"cp.async.cg.shared.global [$0], [g], {CHUNK}, $2; }}", dst_addr, src_addr, size)
+    bar = llvm.ptrtoint(i32, _barriers(mem)[_index(which)].get_ptr())
+    mgpu_utils.inline_ptx("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [$0];", bar)
 
   _copy(src_ref, index_ref, dst_ref, barriers.raw, barrier)
 
@@ -170,8 +190,9 @@ def arrive(barriers: RowBarriers, barrier):
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), _SCALAR))
   def _arrive(ctx, mem, which):
     del ctx
-    _barriers(mem)[_index(which)].arrive(predicate=mgpu_utils.single_thread_predicate(
-        mgpu_utils.ThreadSubset.WARPGROUP))
+    _barriers(mem)[_index(which)].arrive(
+        arrival_count=WARPGROUP,
+        predicate=mgpu_utils.single_thread_predicate(mgpu_utils.ThreadSubset.WARPGROUP))
 
   _arrive(barriers.raw, barrier)
 
@@ -188,5 +209,8 @@ def wait(barriers: RowBarriers, barrier, parity):
     del ctx
     i1 = ir.IntegerType.get_signless(1)
     _barriers(mem)[_index(which)].wait_parity(arith.trunci(i1, _value(par)))
+    # The rows were written by the generic proxy; wgmma and bulk stores read them through
+    # the async proxy.
+    mgpu_utils.inline_ptx("fence.proxy.async.shared::cta;")
 
   _wait(barriers.raw, barrier, parity)
