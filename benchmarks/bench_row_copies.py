@@ -1,18 +1,17 @@
-r"""Row gathers by bulk copies into a swizzled shared-memory tile (Hopper), against jnp.take.
+r"""Row gathers into a swizzled shared-memory tile (Hopper), against jnp.take.
 
-The LSH pieces read q, k and v in sorted order; today XLA gathers a sorted copy first. This
-script measures whether a kernel could gather the rows itself: each CTA copies 128 rows
-``x[perm[i]]`` (128 columns of a 16-bit dtype) into one shared-memory tile with one bulk copy
-per 64-column half-row, straight into the tile's 128-byte-swizzled wgmma layout (the raw
-``(16, 2, 8, 64)`` view of the tile), and then stores the tile. The output must equal
-``jnp.take(x, perm, axis=0)`` bit for bit, which shows that single-row copies land where
-wgmma expects them. Two ways of issuing the copies are timed:
+The LSH pieces read q, k and v in sorted order through an index. This script checks and times
+the ways a kernel can gather such rows itself: each CTA copies 128 rows ``x[perm[i]]`` (128
+columns of a 16-bit dtype) straight into one shared-memory tile in its 128-byte-swizzled wgmma
+layout (the raw ``(16, 2, 8, 64)`` view of the tile), and then stores the tile. The output must
+equal ``jnp.take(x, perm, axis=0)`` bit for bit, which shows that the copies land where wgmma
+expects them. Two ways of issuing the copies are timed:
 
-* ``pallas``: ``plgpu.copy_gmem_to_smem`` per half-row, from one thread of each of
-  ``--warpgroups`` warpgroups (each copy also arrives on the barrier from the warpgroup);
-* ``raw``: the kernels' own row copies (``kernels/mosaic_gpu/rows.py``): Mosaic GPU copies
-  issued inside ``plgpu.inline_mgpu`` from every thread of the warpgroup, with one
-  expected-bytes arrival per tile on a raw barrier.
+* ``pallas``: ``plgpu.copy_gmem_to_smem`` (a bulk copy) per 64-column half-row, from one
+  thread of each of ``--warpgroups`` warpgroups (each copy also arrives on the barrier from the
+  warpgroup);
+* ``raw``: the kernels' own row copies (``kernels/mosaic_gpu/rows.py``): 16-byte ``cp.async``
+  copies from every thread of the warpgroup, each thread arriving once on a raw barrier.
 
 Needs a Hopper GPU:
 
@@ -93,7 +92,7 @@ def gather_pallas(x, perm, *, warpgroups: int):
 
 def gather_raw(x, perm):
   """``x[perm]`` by the kernels' raw copies (``kernels/mosaic_gpu/rows.py``): every thread of
-  the warpgroup issues some, one expected-bytes arrival per tile."""
+  the warpgroup issues some and arrives once on the tile's raw barrier."""
 
   def body(x_ref, perm_ref, o_ref):
     tile = lax.axis_index("t")

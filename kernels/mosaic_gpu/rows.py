@@ -1,18 +1,24 @@
-"""Rows read through an index inside a kernel: one bulk copy per 64-column half-row.
+"""Rows read through an index inside a kernel: 16-byte asynchronous copies from every thread.
 
 The LSH pieces read q (and k, v) in sorted order. Instead of an XLA gather that writes a
-sorted copy, a kernel can copy each row straight from the sequence-major source into its
-shared-memory tile: a bulk (TMA) copy of one row's 64 columns (128 bytes, the swizzle width)
-into the raw ``(rows / 8, d / 64, 8, 64)`` view of a 128-byte-swizzled tile lands where
-wgmma expects it (``benchmarks/bench_row_copies.py`` checks this on a GPU, bit for bit).
+sorted copy, a kernel copies each row straight from the sequence-major source into its
+shared-memory tile, already in wgmma's 128-byte-swizzled layout: the raw
+``(rows / 8, d / 64, 8, 64)`` view of the tile, where 16-byte piece ``p`` of row ``r``'s
+half-row lands at ``16 * (p ^ (r % 8))`` (``benchmarks/bench_row_copies.py`` checks the
+result against ``jnp.take`` on a GPU, bit for bit).
 
-Pallas' ``plgpu.copy_gmem_to_smem`` synchronises the warpgroup and arrives on the barrier
-from every thread for each copy, which is far too slow for one copy per half-row, so the
-copies are raw Mosaic GPU code (``plgpu.inline_mgpu``): every thread of a warpgroup issues
-some of them, and one thread announces the tile's bytes on a barrier that the raw code owns
-(a Pallas barrier cannot be handed to raw code). Such barriers live in a ``uint64`` shared
-array, are set up by ``init_barriers`` before the warpgroups split, and are awaited with an
-explicit parity (``wait``): the ``u``-th completion of a barrier has parity ``u % 2``.
+Every thread of the issuing warpgroup starts some of the tile's ``cp.async`` copies (16
+bytes each; consecutive threads take consecutive pieces of a row, so reads coalesce) and then
+arrives on the tile's barrier once those copies have landed (``cp.async.mbarrier.arrive``,
+one arrival per thread). On Hopper this moves random rows faster than bulk (TMA) copies of
+one half-row each, which the tensor-memory unit issues too slowly at 128 bytes; Pallas'
+``plgpu.copy_gmem_to_smem`` is slower still (it synchronises the warpgroup per copy). The
+copies are raw Mosaic GPU code (``plgpu.inline_mgpu``), so their barriers are raw too (a
+Pallas barrier cannot be handed to raw code): a ``uint64`` shared array set up by
+``init_barriers`` before the warpgroups split, each barrier expecting one arrival per thread
+of a warpgroup, awaited with an explicit parity (``wait``; the ``u``-th completion of a
+barrier has parity ``u % 2``). The copies write through the generic proxy, so ``wait`` fences
+before wgmma or a bulk store reads the tile.
 
 In the CPU interpreter (which runs neither raw code nor swizzles) the same calls copy row by
 row with ``plgpu.copy_gmem_to_smem`` into the tiled view and use Pallas barriers, so the
@@ -40,7 +46,8 @@ _SCALAR = plgpu.Layout.WGMMA    # placeholder type of scalar arguments (ignored 
 
 
 class RowBarriers(NamedTuple):
-  """Barriers that row copies complete, one arrival each.
+  """Barriers that a warpgroup's row copies complete (``WARPGROUP`` raw arrivals, or one Pallas
+  arrival).
 
   Attributes:
     raw: on a GPU, the raw barriers' shared memory (``barrier_memory``); else None.
@@ -85,7 +92,7 @@ def _barriers(mem) -> mgpu_utils.BarrierRef:
 
 
 def init_barriers(barriers: RowBarriers):
-  """Initialises the raw barriers (one arrival each) for the whole CTA; Pallas barriers need
+  """Initialises the raw barriers (one arrival per thread of a warpgroup) for the whole CTA; Pallas barriers need
   nothing. Call it from every thread of the CTA before the warpgroups take their branches.
   """
   if barriers.raw is None:
@@ -181,7 +188,7 @@ def copy_rows(src_ref, index_ref, dst, barriers: RowBarriers, barrier, *, num_ro
 
 
 def arrive(barriers: RowBarriers, barrier):
-  """One arrival (no bytes) on barrier ``barrier`` from the warpgroup: a step whose data came
+  """The warpgroup's arrivals (no copies) on barrier ``barrier``: a step whose data came
   another way still completes the barrier's phase."""
   if barriers.raw is None:
     plgpu.barrier_arrive(barriers.pallas.at[barrier])
