@@ -125,7 +125,12 @@ def check_primitive(name, inputs, spec, scale, seed, tol):
   delta_errors = compare(name, result[1], same_delta[1])
   grads_ok = max(delta_errors.values()) < 2 * tol
   fwd_ok = max(errors[k] for k in errors if k.startswith("[0]")) < tol
-  ok = identical and fwd_ok and grads_ok and max(errors.values()) < 0.2
+  # A loose bound against the plain reference too, except on those two sums (d extra_bias,
+  # d scale), which the comparison with the kernels' delta judges: where they nearly cancel,
+  # the 16-bit rounding of o alone moves them by tens of percent.
+  sums = ("['extra_bias']", "[1][1]")
+  ok = identical and fwd_ok and grads_ok and max(
+      err for path, err in errors.items() if not path.endswith(sums)) < 0.2
   print(f"  deterministic: {identical}; {'PASS' if ok else 'FAIL'}", flush=True)
   return dict(errors=errors, errors_same_delta=delta_errors, deterministic=identical, ok=ok,
               d_scale=[float(d_scale), float(ref_d_scale)])

@@ -31,6 +31,7 @@ from hyperattention_jax.kernels import REGISTRY
 from hyperattention_jax.kernels import mosaic_gpu
 from hyperattention_jax.kernels.testing import random_inputs
 from hyperattention_jax.kernels.mosaic_gpu import common
+from hyperattention_jax.kernels.mosaic_gpu import rows as row_copies
 from hyperattention_jax.kernels.mosaic_gpu import exact
 from hyperattention_jax.kernels.mosaic_gpu import layout
 
@@ -415,7 +416,6 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
     perm = jnp.flip(jnp.arange(q.size // q.shape[-1], dtype=jnp.int32))
 
     k = inputs.pop("k")
-
     v = inputs.pop("v")
 
     def loss(source, k, inputs):
@@ -429,6 +429,18 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
     text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(
         q.reshape(-1, q.shape[-1]), k, inputs).lower(lowering_platforms=("cuda",)).as_text()
     self.assertEqual(text.count("custom_call @mosaic_gpu"), 3)
+
+  @parameterized.parameters((64,), (128,), (256,))
+  def test_row_pieces_land_in_the_swizzled_tile(self, dim):
+    """The raw row copies' destinations (rows.piece_offset, GPU only) are the addresses of
+    Mosaic GPU's (8, 64)-tiled, 128-byte-swizzled tile, derived here bit by bit."""
+    rows = 24
+    r, piece = np.meshgrid(np.arange(rows), np.arange(dim * 2 // 16), indexing="ij")
+    col = piece * 8                                   # 16 bytes: 8 bf16 columns
+    linear = ((r // 8) * (dim // 64) + col // 64) * 1024 + (r % 8) * 128 + (col % 64) * 2
+    swizzled = linear ^ (((linear >> 7) & 7) << 4)    # bits 4-6 ^= bits 7-9
+    np.testing.assert_array_equal(row_copies.piece_offset(r, piece, dim), swizzled)
+    self.assertEqual(sorted(swizzled.ravel().tolist()), list(range(0, rows * dim * 2, 16)))
 
   def test_row_copies_lower_for_hopper(self):
     """benchmarks/bench_row_copies.py's gather kernels (GPU only) still lower for sm_90."""

@@ -109,6 +109,43 @@ def init_barriers(barriers: RowBarriers):
   _init(barriers.raw)
 
 
+class _I32:
+  """An i32 value of raw code with the integer operators ``piece_offset`` uses."""
+
+  def __init__(self, value):
+    self.value = value
+
+  @staticmethod
+  def _of(x):
+    return x.value if isinstance(x, _I32) else mgpu_utils.c(x, ir.IntegerType.get_signless(32))
+
+  def __floordiv__(self, other):
+    return _I32(arith.divui(self.value, self._of(other)))
+
+  def __mod__(self, other):
+    return _I32(arith.remui(self.value, self._of(other)))
+
+  def __mul__(self, other):
+    return _I32(arith.muli(self.value, self._of(other)))
+
+  def __add__(self, other):
+    return _I32(arith.addi(self.value, self._of(other)))
+
+  def __xor__(self, other):
+    return _I32(arith.xori(self.value, self._of(other)))
+
+
+def piece_offset(r, piece, dim: int):
+  """Byte offset of 16-byte piece ``piece`` of row ``r`` in a tile of ``dim`` 16-bit columns
+  in wgmma's 128-byte-swizzled layout: 8-row groups of ``dim / HALF`` half-rows of 128 bytes,
+  piece ``p`` of a half-row at ``16 * (p ^ (r % 8))``. ``r`` and ``piece`` are ints, numpy
+  arrays, or the raw code's i32 values."""
+  per_swizzle = SWIZZLE // CHUNK
+  r8 = r % 8
+  atom = (r // 8) * (dim // HALF) + piece // per_swizzle
+  return atom * (8 * SWIZZLE) + r8 * SWIZZLE + ((piece % per_swizzle) ^ r8) * CHUNK
+
+
 def copy_rows(src_ref, index_ref, dst, barriers: RowBarriers, barrier, *, num_rows: int,
               dim: int, itemsize: int, scratch=None):
   """Starts the copies of ``num_rows`` rows of ``src_ref`` into one tile, from one warpgroup.
@@ -141,7 +178,6 @@ def copy_rows(src_ref, index_ref, dst, barriers: RowBarriers, barrier, *, num_ro
     plgpu.barrier_arrive(barriers.pallas.at[barrier])
     return
   chunks = dim * itemsize // CHUNK          # 16-byte pieces of a row
-  per_swizzle = SWIZZLE // CHUNK             # of a 128-byte swizzled half-row
   copies = num_rows * chunks
   per_thread = -(-copies // WARPGROUP)
   row_bytes = dim * itemsize
@@ -167,16 +203,11 @@ def copy_rows(src_ref, index_ref, dst, barriers: RowBarriers, barrier, *, num_ro
       if copies % WARPGROUP:
         valid = arith.andi(valid, arith.cmpi(arith.CmpIPredicate.ult, copy, c(copies)))
       row = arith.select(valid, row, c(0))
-      src_addr = arith.addi(src_base, arith.extui(i64, arith.addi(
-          arith.muli(row, c(row_bytes)), arith.muli(piece, c(CHUNK)))))
-      # The swizzled tile: 8-row groups of d / HALF half-rows of 128 bytes; piece p of row
-      # r in its half-row sits at 16 * (p ^ (r % 8)).
-      r8 = arith.remui(r, c(8))
-      half, p = arith.divui(piece, c(per_swizzle)), arith.remui(piece, c(per_swizzle))
-      atom = arith.addi(arith.muli(arith.divui(r, c(8)), c(dim // HALF)), half)
-      dst_addr = arith.addi(dst_base, arith.addi(
-          arith.addi(arith.muli(atom, c(8 * SWIZZLE)), arith.muli(r8, c(SWIZZLE))),
-          arith.muli(arith.xori(p, r8), c(CHUNK))))
+      # In 64 bits: a source may hold more than 4 GiB.
+      src_addr = arith.addi(src_base, arith.addi(
+          arith.muli(arith.extui(i64, row), mgpu_utils.c(row_bytes, i64)),
+          arith.extui(i64, arith.muli(piece, c(CHUNK)))))
+      dst_addr = arith.addi(dst_base, piece_offset(_I32(r), _I32(piece), dim).value)
       size = arith.select(valid, c(CHUNK), c(0))  # zeros past the source's rows
       mgpu_utils.inline_ptx(
           "{ .reg .u64 g; cvta.to.global.u64 g, $1; "
