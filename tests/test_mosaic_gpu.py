@@ -31,9 +31,9 @@ from hyperattention_jax.kernels import REGISTRY
 from hyperattention_jax.kernels import mosaic_gpu
 from hyperattention_jax.kernels.testing import random_inputs
 from hyperattention_jax.kernels.mosaic_gpu import common
-from hyperattention_jax.kernels.mosaic_gpu import rows as row_copies
 from hyperattention_jax.kernels.mosaic_gpu import exact
 from hyperattention_jax.kernels.mosaic_gpu import layout
+from hyperattention_jax.kernels.mosaic_gpu import rows as row_copies
 
 _CASES = (
     # An LSH piece of cross-attention (query and key blocks differ and are not multiples

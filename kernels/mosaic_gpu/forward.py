@@ -20,8 +20,8 @@ visited at all.
 Rows through an index (``Problem.q_gathered``, ``Problem.kv_gathered``; the LSH pieces): the
 kernel reads the sorted rows of q, or of the diagonal keys and values, straight from the
 sequence-major sources, by 16-byte asynchronous copies (``rows.py``) instead of a sorted copy
-made beforehand. Each compute warpgroup copies its own 64 query rows, with the indices of its tiles
-fetched two tiles ahead; the memory warpgroup copies the key and value rows of a step, with
+made beforehand. Each compute warpgroup copies its own 64 query rows, with the indices of its
+tiles fetched two tiles ahead; the memory warpgroup copies the key and value rows of a step, with
 the indices of a tile's block fetched a tile ahead. Such copies complete row barriers (raw
 ones on a GPU) that every step completes once, so a wait knows its phase from the step count.
 """

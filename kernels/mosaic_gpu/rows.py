@@ -92,8 +92,9 @@ def _barriers(mem) -> mgpu_utils.BarrierRef:
 
 
 def init_barriers(barriers: RowBarriers):
-  """Initialises the raw barriers (one arrival per thread of a warpgroup) for the whole CTA; Pallas barriers need
-  nothing. Call it from every thread of the CTA before the warpgroups take their branches.
+  """Initialises the raw barriers (one arrival per thread of a warpgroup) for the whole CTA;
+  Pallas barriers need nothing. Call it from every thread of the CTA before the warpgroups take
+  their branches.
   """
   if barriers.raw is None:
     return
@@ -138,8 +139,9 @@ class _I32:
 def piece_offset(r, piece, dim: int):
   """Byte offset of 16-byte piece ``piece`` of row ``r`` in a tile of ``dim`` 16-bit columns
   in wgmma's 128-byte-swizzled layout: 8-row groups of ``dim / HALF`` half-rows of 128 bytes,
-  piece ``p`` of a half-row at ``16 * (p ^ (r % 8))``. ``r`` and ``piece`` are ints, numpy
-  arrays, or the raw code's i32 values."""
+  piece ``p`` of a half-row at ``16 * (p ^ (r % 8))`` (the pattern XORs address bits 4-6 with
+  bits 7-9, so it holds from a tile start aligned to 1024 bytes: Pallas aligns shared-memory
+  buffers so, and the tiles in them span whole multiples of 1024 bytes). ``r`` and ``piece`` are ints, numpy arrays, or the raw code's i32 values."""
   per_swizzle = SWIZZLE // CHUNK
   r8 = r % 8
   atom = (r // 8) * (dim // HALF) + piece // per_swizzle
