@@ -210,14 +210,15 @@ class MosaicGpuKernelTest(parameterized.TestCase):
       untaken = np.setdiff1d(np.arange(q_rows[0].shape[0]), np.asarray(q_rows[1]))
       chex.assert_trees_all_equal(grads["q"][untaken], jnp.zeros_like(grads["q"][untaken]))
 
-  @parameterized.parameters((True,), (False,))
-  def test_lsh_pieces_match_reference(self, causal):
+  @parameterized.parameters((True, 1, 512), (False, 1, 512), (True, 2, 300))
+  def test_lsh_pieces_match_reference(self, causal, batch, n):
     """The LSH pieces end to end (the causal recursion's rectangles too) on the kernels,
     which read the sorted rows through the index: output and input gradients match the
-    reference implementation of the primitive."""
-    seed = _seed(self._testMethodName + str(causal))
+    reference implementation of the primitive (also two batch rows of a length that is not
+    a multiple of the block)."""
+    seed = _seed(self._testMethodName + str((causal, batch, n)))
     keys = jax.random.split(jax.random.key(seed), 5)
-    batch, n, heads, kv_heads, dim = 1, 512, 2, 1, 64
+    heads, kv_heads, dim = 2, 1, 64
     query = jax.random.normal(keys[0], (batch, n, heads, dim), jnp.bfloat16)
     key, value = (jax.random.normal(k, (batch, n, kv_heads, dim), jnp.bfloat16)
                   for k in keys[1:3])
