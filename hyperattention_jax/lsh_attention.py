@@ -83,9 +83,11 @@ def lsh_attention(query, key, value, q_pos, k_pos, plan: LshPlan, *, q_offsets, 
   """Non-causal pieces, approximating attention over the keys outside ``E(p)``.
 
   The piece's rows are ``G`` groups of consecutive rows of the sequence-major inputs
-  (one group for the whole sequence; the causal recursion's rectangles otherwise); they
-  are gathered straight into sorted order and the output is put straight back, so no
-  head-major copy of the inputs is made.
+  (one group for the whole sequence; the causal recursion's rectangles otherwise). They
+  go to the core primitive in sorted order as ``lsh.SortedRows`` (the inputs' rows and the
+  sort index, not copied: a kernel reads them through the index, other implementations copy
+  them in sorted order), and the output is put straight back, so no head-major copy of the
+  inputs is made.
 
   Args:
     query: ``[B, nq_all, Hq, dk]``; key: ``[B, nk_all, Hk, dk]``; value:
