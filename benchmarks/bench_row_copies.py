@@ -28,6 +28,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
+from hyperattention_jax.kernels.mosaic_gpu import common
 from hyperattention_jax.kernels.mosaic_gpu import rows as row_copies
 
 from benchmarks.timing import median_ms
@@ -44,8 +45,7 @@ HALF = row_copies.HALF   # columns per copy: 128 bytes, the swizzle width
 
 def _tile_views(dtype):
   """The tile as wgmma reads it, and its raw (TILE / 8, COLS / HALF, 8, HALF) view."""
-  tiled = plgpu.SMEM((TILE, COLS), dtype, transforms=(plgpu.TilingTransform((8, HALF)),
-                                                      plgpu.SwizzleTransform(128)))
+  tiled = plgpu.SMEM((TILE, COLS), dtype, transforms=common.smem_transforms(dtype))
   return plgpu.RefUnion(tiled, row_copies.raw_view((TILE, COLS), dtype))
 
 

@@ -142,7 +142,7 @@ def head_major(block_attention_fn):
   @functools.wraps(block_attention_fn)
   def wrapped(q, k, v, *args, spec: BlockSpec, **kwargs):
     # Rows not copied yet (lsh.SortedRows): these implementations need the copies.
-    q, k, v = (x.materialize() if isinstance(x, lsh.SortedRows) else x for x in (q, k, v))
+    q, k, v = (lsh.dense(x) for x in (q, k, v))
     if not spec.sequence_major:
       return block_attention_fn(q, k, v, *args, spec=spec, **kwargs)
     swap = lambda x: jnp.swapaxes(x, 1, 2)

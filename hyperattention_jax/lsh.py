@@ -189,6 +189,11 @@ class SortedRows:
     return SortedRows(self.source, rows, inverse.astype(jnp.int32))
 
 
+def dense(x):
+  """``x`` itself, or for ``SortedRows`` the sorted copy (``SortedRows.materialize``)."""
+  return x.materialize() if isinstance(x, SortedRows) else x
+
+
 def key_dtype(num_projections: int):
   """The narrowest unsigned dtype that holds every sort key (``0 .. 2**r``): a radix sort
   of 8-bit keys makes one pass over them, of 32-bit keys four."""

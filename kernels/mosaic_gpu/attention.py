@@ -86,10 +86,6 @@ def _padded_attention_bwd(static, residuals, cotangents):
 _padded_attention.defvjp(_padded_attention_fwd, _padded_attention_bwd)
 
 
-def _dense(x):
-  return x.materialize() if isinstance(x, lsh.SortedRows) else x
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gathered_attention(static, q, k, v, extra_k, extra_v, extra_bias, scale, positions):
   """``_padded_attention`` with q, or k and v, or all three given as ``lsh.SortedRows``: the
@@ -97,7 +93,7 @@ def _gathered_attention(static, q, k, v, extra_k, extra_v, extra_bias, scale, po
   def source(x):
     if not isinstance(x, lsh.SortedRows):
       return x
-    if static.interpret is None:  # bulk copies past the last row read zeros
+    if static.interpret is None:  # the kernel's row copies read zeros past the last row
       return x.source
     # The interpreter's copies read the last row instead: make it a zero row.
     return jnp.concatenate([x.source, jnp.zeros_like(x.source[:1])])
@@ -121,7 +117,8 @@ def _gathered_attention_fwd(static, q, k, v, *args):
 def _gathered_attention_bwd(static, residuals, cotangents):
   """The backward kernels on the sorted rows; their gradients go back through the index."""
   q, k, v, *rest = residuals
-  grads = _padded_attention_bwd(static, (_dense(q), _dense(k), _dense(v), *rest), cotangents)
+  dense = tuple(lsh.dense(x) for x in (q, k, v))
+  grads = _padded_attention_bwd(static, (*dense, *rest), cotangents)
 
   def back(x, grad):  # the gradient of the source rows: a gather by the inverse map
     if not isinstance(x, lsh.SortedRows):
@@ -196,9 +193,9 @@ def block_attention(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_bl
   static = _Static(prob=prob, fwd_tiles=fwd_tiles, dq_tiles=dq_tiles, dkv_tiles=dkv_tiles,
                    interpret=interpret)
   if prob.block_q != spec.block_q:  # blocks padded to whole tiles: copy the rows
-    q = _dense(q)
+    q = lsh.dense(q)
   if prob.block_k != spec.block_k:
-    k, v = _dense(k), _dense(v)
+    k, v = lsh.dense(k), lsh.dense(v)
   padded = layout.pad(q, k, v, q_pos, k_pos, extra_k, extra_v, extra_pos, extra_block, prob)
   positions = {name: padded[name] for name in ("q_pos", "k_pos", "extra_pos", "extra_block")}
   args = (padded["q"], padded["k"], padded["v"], padded["extra_k"], padded["extra_v"],

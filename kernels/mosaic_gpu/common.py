@@ -429,9 +429,10 @@ class KeyRows(NamedTuple):
     index_smem: ``[2, block_k]`` int32: the indices of a tile's block (two tiles in flight).
     index_bar: two barriers for them (``index_chunks`` arrivals each).
     raw: the raw views of the k and v rings (``rows.raw_view``; None in the interpreter).
-    barriers: ``rows.RowBarriers``; barrier ``first + which * num_stages + slot`` completes
-      operand ``which`` (0: k, 1: v) of ring slot ``slot``, once per pipeline step.
-    first: see ``barriers``.
+    barriers: ``rows.RowBarriers``; barrier ``barrier(slot, which)`` completes operand
+      ``which`` (0: k, 1: v) of ring slot ``slot``, once per pipeline step.
+    first: the first of those barriers (for k; v's follow the k ones).
+    num_stages: the ring's slots.
     scratch: the interpreter's barriers for the k and v copies (None on a GPU).
   """
 
@@ -441,7 +442,12 @@ class KeyRows(NamedTuple):
   raw: Any
   barriers: Any
   first: int
+  num_stages: int
   scratch: Any
+
+  def barrier(self, slot, which):
+    """The index of the row barrier of operand ``which`` of ring slot ``slot``."""
+    return self.first + which * self.num_stages + slot
 
 
 def stream_keys(cta_of, num_tiles: int, prob: Problem, tiles: Tiles, key_refs, extra_refs,
@@ -472,9 +478,6 @@ def stream_keys(cta_of, num_tiles: int, prob: Problem, tiles: Tiles, key_refs, e
   key_tile, stages = tiles.key_tile, tiles.num_stages
   has_extra = bool(prob.num_extra // key_tile)
 
-  def raw_barrier(slot, which):
-    return key_rows.first + which * stages + slot
-
   def fetch_index(t):  # the indices of tile t's diagonal block, in index_chunks(prob) copies
     cta = cta_of(t)
     chunk = prob.block_k // index_chunks(prob)
@@ -499,7 +502,7 @@ def stream_keys(cta_of, num_tiles: int, prob: Problem, tiles: Tiles, key_refs, e
         raw = key_rows.raw[which]
         dst = ((k_smem, v_smem)[which].at[slot], None if raw is None else raw.at[slot])
         row_copies.copy_rows(key_refs[which], index, dst, key_rows.barriers,
-                             raw_barrier(slot, which), num_rows=key_tile,
+                             key_rows.barrier(slot, which), num_rows=key_tile,
                              dim=(prob.dk, prob.dv)[which], itemsize=prob.dtype.itemsize,
                              scratch=key_rows.scratch[which])
         plgpu.barrier_arrive(ready[which].at[slot])
@@ -519,7 +522,7 @@ def stream_keys(cta_of, num_tiles: int, prob: Problem, tiles: Tiles, key_refs, e
         plgpu.copy_gmem_to_smem(extra_refs[2].at[batch, kv_head, cta.set_idx, :, keys],
                                 meta_smem.at[slot], ready[0].at[slot])
       if key_rows is not None:  # the raw barrier completes on every step
-        row_copies.arrive(key_rows.barriers, raw_barrier(slot, which))
+        row_copies.arrive(key_rows.barriers, key_rows.barrier(slot, which))
 
   def tile_stream(t, first):
     cta = cta_of(t)

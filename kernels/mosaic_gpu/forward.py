@@ -87,7 +87,6 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
   q_raw_barriers = nbuf * nw if gathered else 0  # row barriers: q buffers, then k and v slots
   num_row_barriers = q_raw_barriers + 2 * stages * kv_gathered
   raw = interpret is None  # raw row copies and barriers (the interpreter: Pallas ones)
-  halves = lambda dim: dim // row_copies.HALF
 
   def kernel(q_ref, k_ref, v_ref, kmeta_ref, xk_ref, xv_ref, xmeta_ref, qpos_ref, coef_ref,
              dlive_ref, xlive_ref, *rest):
@@ -109,7 +108,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
     if kv_gathered:
       (k_smem, k_raw), (v_smem, v_raw) = views(k_smem), views(v_smem)
       key_rows = common.KeyRows(krows_ref, k_index_smem, k_index_bar, (k_raw, v_raw), rows_bar,
-                                q_raw_barriers, (k_scratch, v_scratch))
+                                q_raw_barriers, stages, (k_scratch, v_scratch))
     if num_row_barriers:
       row_copies.init_barriers(rows_bar)
 
@@ -118,7 +117,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       slot = lax.rem(step, stages)
       plgpu.barrier_wait((k_bar, v_bar)[which].at[slot])
       if kv_gathered:
-        row_copies.wait(rows_bar, q_raw_barriers + which * stages + slot,
+        row_copies.wait(rows_bar, key_rows.barrier(slot, which),
                         lax.rem(lax.div(step, stages), 2))
 
     def tile_of(t):  # the CTA's t-th query tile
@@ -298,9 +297,9 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
       if kv_gathered else None,                                     # key row indices
       # The interpreter's row barriers, and its barriers for the q, k and v row copies.
       plgpu.Barrier(num_barriers=num_row_barriers) if num_row_barriers and not raw else None,
-      (plgpu.Barrier(num_arrivals=rows * halves(prob.dk), num_barriers=nw),
-       plgpu.Barrier(num_arrivals=tk * halves(prob.dk)),
-       plgpu.Barrier(num_arrivals=tk * halves(prob.dv))) if num_row_barriers and not raw else None,
+      (row_copies.scratch_barrier(rows, prob.dk, num_barriers=nw),
+       row_copies.scratch_barrier(tk, prob.dk),
+       row_copies.scratch_barrier(tk, prob.dv)) if num_row_barriers and not raw else None,
   )
 
   out_type = (jax.ShapeDtypeStruct(prob.rows_shape(prob.q_heads, prob.q_len, prob.dv), dtype),

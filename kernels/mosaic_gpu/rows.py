@@ -63,7 +63,7 @@ def raw_view(shape, dtype):
   tiles, as ``plgpu.SMEM``; allocate it in a ``plgpu.RefUnion`` with the tiled view."""
   *lead, rows, dim = shape
   return plgpu.SMEM((*lead, rows // 8, dim // HALF, 8, HALF), dtype,
-                    transforms=(plgpu.SwizzleTransform(128),))
+                    transforms=(plgpu.SwizzleTransform(SWIZZLE),))
 
 
 def barrier_memory(num_barriers: int):
@@ -141,11 +141,18 @@ def piece_offset(r, piece, dim: int):
   in wgmma's 128-byte-swizzled layout: 8-row groups of ``dim / HALF`` half-rows of 128 bytes,
   piece ``p`` of a half-row at ``16 * (p ^ (r % 8))`` (the pattern XORs address bits 4-6 with
   bits 7-9, so it holds from a tile start aligned to 1024 bytes: Pallas aligns shared-memory
-  buffers so, and the tiles in them span whole multiples of 1024 bytes). ``r`` and ``piece`` are ints, numpy arrays, or the raw code's i32 values."""
+  buffers so, and the tiles in them span whole multiples of 1024 bytes). ``r`` and ``piece``
+  are ints, numpy arrays, or the raw code's i32 values."""
   per_swizzle = SWIZZLE // CHUNK
   r8 = r % 8
   atom = (r // 8) * (dim // HALF) + piece // per_swizzle
   return atom * (8 * SWIZZLE) + r8 * SWIZZLE + ((piece % per_swizzle) ^ r8) * CHUNK
+
+
+def scratch_barrier(num_rows: int, dim: int, num_barriers: int = 1):
+  """The interpreter's barrier(s) for the copies of one ``copy_rows`` call (one arrival per
+  half-row)."""
+  return plgpu.Barrier(num_arrivals=num_rows * (dim // HALF), num_barriers=num_barriers)
 
 
 def copy_rows(src_ref, index_ref, dst, barriers: RowBarriers, barrier, *, num_rows: int,
@@ -160,8 +167,8 @@ def copy_rows(src_ref, index_ref, dst, barriers: RowBarriers, barrier, *, num_ro
       (``raw_view``; the interpreter has the tiled one only).
     barriers, barrier: the barrier (an int32 scalar index) that completes when the rows are in.
     num_rows, dim, itemsize: the tile's shape and the element size in bytes.
-    scratch: in the interpreter, a Pallas barrier of ``num_rows * dim / HALF`` arrivals for
-      the copies themselves (they are awaited here).
+    scratch: in the interpreter, a ``scratch_barrier(num_rows, dim)`` for the copies
+      themselves (they are awaited here).
   """
   halves = dim // HALF
   tiled_ref, dst_ref = dst
