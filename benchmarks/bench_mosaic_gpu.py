@@ -4,7 +4,8 @@ For every length, causal setting and pass (forward; forward+backward) the script
 median time per call of each implementation (calls queued back to back, ``--queued`` per
 sample; single synchronised calls are timed too), the speedup of hyper_attention over exact
 attention, and the relative error ``||o - o_exact|| / ||o_exact||`` of hyper_attention's
-output. It writes a JSON file, a markdown table and a PNG plot of time against length.
+output, under a progress bar over the points. It writes a JSON file, a markdown table and a
+PNG plot of time against length.
 
 The exact baseline follows the backend: cuDNN's fused attention on a GPU, JAX's Pallas
 flash attention on a TPU, ``exact_attention`` elsewhere; "auto" is hyper_attention's own
@@ -23,6 +24,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+from tqdm import tqdm
 
 import hyperattention_jax as ha
 
@@ -115,14 +117,13 @@ def profile(row, fn, args, label):
   total = sum(by_op.values())
   by_stage = ms_by_scope(by_op, fn.lower(*args).compile().as_text(), STAGES)
   row.update(device_ms=total, device_ms_by_stage=by_stage, device_ms_by_op=by_op)
-  print(f"{label} device time {total:.3f} ms by stage: " + ", ".join(
-      f"{name} {ms:.3f}" for name, ms in sorted(by_stage.items(), key=lambda x: -x[1])),
-        flush=True)
+  tqdm.write(f"{label} device time {total:.3f} ms by stage: " + ", ".join(
+      f"{name} {ms:.3f}" for name, ms in sorted(by_stage.items(), key=lambda x: -x[1])))
   for op, op_ms in list(by_op.items())[:_PROFILE.value]:
-    print(f"    {op_ms:8.3f} ms  {100 * op_ms / total:5.1f}%  {op}", flush=True)
+    tqdm.write(f"    {op_ms:8.3f} ms  {100 * op_ms / total:5.1f}%  {op}")
 
 
-def measure_point(n, causal, results):
+def measure_point(n, causal, results, progress):
   shape = (_BATCH.value, n, _HEADS.value, _HEAD_DIM.value)
   kv_shape = (_BATCH.value, n, _KV_HEADS.value or _HEADS.value, _HEAD_DIM.value)
   keys = jax.random.split(jax.random.key(n + causal), 4)
@@ -134,6 +135,7 @@ def measure_point(n, causal, results):
   for impl in _IMPLS.value:
     for pass_name in _PASSES.value:
       label = f"n={n:6d} causal={causal!s:5s} {pass_name:7s} {impl:10s}"
+      progress.set_postfix_str(label.strip())
       attend = attention_fn(impl, causal)
       try:
         t0 = time.perf_counter()
@@ -150,7 +152,8 @@ def measure_point(n, causal, results):
                                  max_seconds=_MAX_SECONDS.value, queued=queued)
                        for queued in (_QUEUED.value, 1))
       except Exception as e:  # pylint: disable=broad-except
-        print(f"{label} ERROR {type(e).__name__}: {str(e)[:1500]}", flush=True)
+        tqdm.write(f"{label} ERROR {type(e).__name__}: {str(e)[:1500]}")
+        progress.update()
         continue
       row = dict(n=n, causal=causal, pass_name=pass_name, impl=impl, ms=ms, sync_ms=sync_ms,
                  queued=_QUEUED.value, first_call_s=first)
@@ -167,8 +170,9 @@ def measure_point(n, causal, results):
                          kv_heads=_KV_HEADS.value or _HEADS.value, results=results), f,
                     indent=1)
       err = f" rel.err {row['rel_error_vs_exact']:.3f}" if "rel_error_vs_exact" in row else ""
-      print(f"{label} {ms:10.3f} ms  (synchronised {sync_ms:9.3f} ms; first call {first:5.1f} s)"
-            f"{err}", flush=True)
+      tqdm.write(f"{label} {ms:10.3f} ms  (synchronised {sync_ms:9.3f} ms; "
+                 f"first call {first:5.1f} s){err}")
+      progress.update()
 
 
 def table(results):
@@ -247,9 +251,11 @@ def main(argv):
       results += data["results"]
       device = data["device"]
   else:
-    for n in map(int, _LENGTHS.value):
-      for causal in (c.lower() == "true" for c in _CAUSAL.value):
-        measure_point(n, causal, results)
+    points = [(int(n), c.lower() == "true") for n in _LENGTHS.value for c in _CAUSAL.value]
+    with tqdm(total=len(points) * len(_IMPLS.value) * len(_PASSES.value), unit="point",
+              desc="timing") as progress:
+      for n, causal in points:
+        measure_point(n, causal, results, progress)
   print("\n" + table(results), flush=True)
   if _OUT_DIR.value:
     os.makedirs(_OUT_DIR.value, exist_ok=True)
