@@ -92,7 +92,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
              dlive_ref, xlive_ref, *rest):
     # The index operands, when gathered: [q_rows] and / or [k_rows].
     *index_refs, o_ref, lse_ref, buffers, barriers = rest
-    qrows_ref = index_refs[:1] if gathered else []
+    qrows_ref = index_refs[0] if gathered else None
     krows_ref = index_refs[-1] if kv_gathered else None
     (q_smem, o_smem, k_smem, v_smem, meta_smem, qpos_smem, coef_smem, lse_smem, index_smem,
      k_index_smem, rows_mem) = buffers
@@ -149,7 +149,7 @@ def forward(ops: Operands, prob: Problem, tiles: common.Tiles, *, interpret=None
 
       def load_index(t):  # tile t's row indices, into index buffer t % 2
         which = lax.rem(t, 2)
-        plgpu.copy_gmem_to_smem(qrows_ref[0].at[batch, head, rows_of(t)],
+        plgpu.copy_gmem_to_smem(qrows_ref.at[batch, head, rows_of(t)],
                                 index_smem.at[which, wg], index_bar.at[which * nw + wg])
 
       def load_queries(t):
